@@ -1,0 +1,77 @@
+# mx-lsoftmax: build, install and test.
+#   make install   create .venv with the pinned dependencies and the package
+#   make           build the CPU library build/liblsoftmax.so against the installed MXNet
+#   make cuda      build the CPU+GPU library with nvcc
+#   make test      all of the above that is out of date, then pytest
+#   make demo      train the 2-D LeNet on MNIST with margin 4 and draw its features
+#   make bench     benchmark every backend against FullyConnected
+
+PYTHON_SYSTEM ?= python3
+VENV          ?= .venv
+PYTHON        := $(VENV)/bin/python
+CXX           ?= g++
+NVCC          ?= nvcc
+CUDA_ARCH     ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+                 -gencode arch=compute_90,code=compute_90
+BUILD_DIR     := build
+LIBRARY       := mx_lsoftmax/lib/liblsoftmax.so
+CUDA_LIBRARY  := mx_lsoftmax/lib/liblsoftmax_cuda.so
+SOURCES       := src/operator/lsoftmax.cc
+HEADERS       := src/operator/lsoftmax-inl.h src/operator/lsoftmax-launch.h
+
+# Found from the installed package, never hard-coded.
+MXNET_INCLUDE  = $(shell $(PYTHON) -c "import mxnet.libinfo as l; print(l.find_include_path())" 2>/dev/null)
+MXNET_LIB_API  = $(abspath $(MXNET_INCLUDE)/../src/lib_api.cc)
+CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -Wall -Wno-unused-function
+CURAND_INCLUDE = $(shell $(PYTHON) -c "import nvidia.curand, os; print(os.path.join(list(nvidia.curand.__path__)[0], 'include'))" 2>/dev/null)
+
+.PHONY: all cuda install test demo bench clean
+
+all: $(LIBRARY)
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed all
+
+$(LIBRARY): $(SOURCES) $(HEADERS) $(VENV)/.installed
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -shared -I$(MXNET_INCLUDE) -Isrc/operator $(SOURCES) $(MXNET_LIB_API) -o $@
+
+$(VENV)/.curand: $(VENV)/.installed
+	$(PYTHON) -m pip install -q 'nvidia-curand-cu12==10.3.*'
+	touch $@
+
+# lib_api.h includes curand_kernel.h under nvcc; the CUDA toolkit here has no
+# cuRAND headers, the PyPI package nvidia-curand carries them.
+$(CUDA_LIBRARY): $(SOURCES) src/operator/lsoftmax.cu $(HEADERS) $(VENV)/.curand
+	@mkdir -p $(dir $@) $(BUILD_DIR)
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -DLSOFTMAX_WITH_CUDA \
+	    -I$(MXNET_INCLUDE) -I$(CURAND_INCLUDE) -Isrc/operator -c src/operator/lsoftmax.cu \
+	    -o $(BUILD_DIR)/lsoftmax_cu.o
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -DLSOFTMAX_WITH_CUDA \
+	    -I$(MXNET_INCLUDE) -I$(CURAND_INCLUDE) -Isrc/operator -x cu -c $(SOURCES) \
+	    -o $(BUILD_DIR)/lsoftmax_cc.o
+	$(NVCC) -O3 -std=c++17 -Xcompiler -fPIC -x cu -I$(MXNET_INCLUDE) -I$(CURAND_INCLUDE) \
+	    -c $(MXNET_LIB_API) -o $(BUILD_DIR)/lib_api_cu.o
+	$(NVCC) -shared $(CUDA_ARCH) $(BUILD_DIR)/lsoftmax_cu.o $(BUILD_DIR)/lsoftmax_cc.o \
+	    $(BUILD_DIR)/lib_api_cu.o -cudart static -o $@
+
+cuda: $(CUDA_LIBRARY)
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(PYTHON) examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 \
+	    --epochs 3 --backend compiled --plot docs/figures/demo_features.png --json build/demo.json
+
+bench: install
+	$(PYTHON) examples/benchmark.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(BUILD_DIR) mx_lsoftmax/lib *.egg-info .pytest_cache

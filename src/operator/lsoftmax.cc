@@ -1,0 +1,362 @@
+/*!
+ * \file lsoftmax.cc
+ * \brief Registration of the op ``lsoftmax_target`` through MXNet's lib_api, and its CPU launcher.
+ *
+ * Inputs:  logits (N, C) = x W^T from FullyConnected, data x (N, D), weight W (C, D),
+ *          label (N,) class indices (any real or integer dtype), step (1,) (mutated).
+ * Outputs: output (N, C), the logits with the target column blended (D6);
+ *          beta (1,), the schedule value this forward used (D12).
+ *
+ * lib_api hands the op no training flag and no write/add request, and a
+ * library op cannot call MXNet's operators. So the op does only the O(N D)
+ * target-column step; mx_lsoftmax.lsoftmax() composes it with FullyConnected,
+ * and inserts it only into training graphs. Gradients are always written
+ * (never added): MXNet sums the two paths into data and weight itself.
+ *
+ * The schedule counter is a mutated input, which MXNet treats as an auxiliary
+ * state owned by the caller: the op instance holds no state, because MXNet
+ * creates instances afresh for imperative and hybridized calls.
+ */
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "mxnet/lib_api.h"
+#include "lsoftmax-inl.h"
+#include "lsoftmax-launch.h"
+
+using namespace mxnet::ext;
+
+namespace lsoftmax {
+
+/*!
+ * \brief MX_ERROR_MSG with the messages of earlier, already reported errors dropped.
+ *
+ * lib_api keeps every message ever added in one process-wide list and MXNet
+ * prints the whole list with each failure, so without this a second error
+ * would be reported with the first one's text in front of it. The list is
+ * the only member of MXerrorMsgs (lib_api.h, MX_LIBRARY_VERSION 11), the
+ * copy compiled into this library.
+ */
+std::stringstream& error_message(const char* file, int line) {
+  auto* messages = reinterpret_cast<std::vector<std::stringstream*>*>(MXerrorMsgs::get());
+  for (std::stringstream* message : *messages) delete message;
+  messages->clear();
+  return MXerrorMsgs::get()->add(file, line);
+}
+
+namespace {
+
+
+bool parse_number(const std::unordered_map<std::string, std::string>& attrs, const char* name,
+                  double fallback, double* value) {
+  auto found = attrs.find(name);
+  if (found == attrs.end()) {
+    *value = fallback;
+    return true;
+  }
+  std::istringstream stream(found->second);
+  stream >> *value;
+  if (stream.fail() || !stream.eof() || !std::isfinite(*value)) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter " << name << " must be a finite number, got '"
+                 << found->second << "'";
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+/*! \brief Parse and validate the settings; errors name the parameter and the value. */
+bool parse_params(const std::unordered_map<std::string, std::string>& attrs, Params* p) {
+  double margin;
+  if (!parse_number(attrs, "margin", 2.0, &margin) || !parse_number(attrs, "beta", 0.0, &p->beta) ||
+      !parse_number(attrs, "beta_min", 0.0, &p->beta_min) ||
+      !parse_number(attrs, "scale", 1.0, &p->scale) ||
+      !parse_number(attrs, "gamma", 0.0, &p->gamma) ||
+      !parse_number(attrs, "power", 1.0, &p->power)) {
+    return false;
+  }
+  if (margin < 1.0 || margin != static_cast<double>(static_cast<int>(margin))) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter margin must be an integer >= 1, got " << margin;
+    return false;
+  }
+  p->margin = static_cast<int>(margin);
+  if (p->beta < 0.0) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter beta must be >= 0, got " << p->beta;
+    return false;
+  }
+  if (p->beta_min < 0.0) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter beta_min must be >= 0, got " << p->beta_min;
+    return false;
+  }
+  if (!(p->scale > 0.0 && p->scale <= 1.0)) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter scale must be in (0, 1], got " << p->scale;
+    return false;
+  }
+  if (p->gamma < 0.0) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter gamma must be >= 0, got " << p->gamma;
+    return false;
+  }
+  if (!(p->power > 0.0)) {
+    LSOFTMAX_ERROR << "lsoftmax_target: parameter power must be > 0, got " << p->power;
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& attrs,
+                          int* num_inputs, int* num_outputs) {
+  Params p;
+  if (!parse_params(attrs, &p)) return MX_FAIL;
+  *num_inputs = kNumInputs;
+  *num_outputs = kNumOutputs;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<int>* in_types, std::vector<int>* out_types) {
+  // Symbols may leave some dtypes unknown (-1): take the first known one.
+  int dtype = -1;
+  for (int input : {kLogits, kData, kWeight, kStep}) {
+    if (dtype < 0) dtype = (*in_types)[input];
+  }
+  if (dtype < 0) return MX_SUCCESS;
+  if (dtype != kFloat32 && dtype != kFloat64) {
+    LSOFTMAX_ERROR << "lsoftmax_target: input logits must be float32 or float64, got dtype code "
+                 << dtype;
+    return MX_FAIL;
+  }
+  for (int input : {kLogits, kData, kWeight, kStep}) {
+    if ((*in_types)[input] < 0) (*in_types)[input] = dtype;
+    if ((*in_types)[input] != dtype) {
+      LSOFTMAX_ERROR << "lsoftmax_target: input " << input_name(input)
+                   << " must have the dtype of logits (code " << dtype << "), got code "
+                   << (*in_types)[input];
+      return MX_FAIL;
+    }
+  }
+  (*out_types)[kOutput] = dtype;
+  (*out_types)[kBetaUsed] = dtype;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<std::vector<unsigned int>>* in_shapes,
+                          std::vector<std::vector<unsigned int>>* out_shapes) {
+  const auto& logits = (*in_shapes)[kLogits];
+  const auto& data = (*in_shapes)[kData];
+  const auto& weight = (*in_shapes)[kWeight];
+  const auto& label = (*in_shapes)[kLabel];
+  const auto& step = (*in_shapes)[kStep];
+  if (data.size() != 2) {
+    LSOFTMAX_ERROR << "lsoftmax_target: input data must be 2-D (N, D), got " << data.size()
+                 << " dimensions";
+    return MX_FAIL;
+  }
+  if (logits.size() != 2 || logits[0] != data[0]) {
+    LSOFTMAX_ERROR << "lsoftmax_target: input logits must be (N, C) with N = " << data[0];
+    return MX_FAIL;
+  }
+  if (weight.size() != 2 || weight[0] != logits[1] || weight[1] != data[1]) {
+    LSOFTMAX_ERROR << "lsoftmax_target: input weight must be (C, D) = (" << logits[1] << ", "
+                 << data[1] << ")";
+    return MX_FAIL;
+  }
+  if (label.size() != 1 || label[0] != data[0]) {
+    LSOFTMAX_ERROR << "lsoftmax_target: input label must be (N,) = (" << data[0] << ",)";
+    return MX_FAIL;
+  }
+  if (step.size() != 1 || step[0] != 1) {
+    LSOFTMAX_ERROR << "lsoftmax_target: input step must have shape (1,)";
+    return MX_FAIL;
+  }
+  (*out_shapes)[kOutput] = logits;
+  (*out_shapes)[kBetaUsed] = std::vector<unsigned int>{1};
+  return MX_SUCCESS;
+}
+
+// Dense only. Declared explicitly: lib_api's default check fails while a
+// bound graph still has storage types undecided (-1), as Module's does.
+MXReturnValue infer_storage_type(const std::unordered_map<std::string, std::string>& attrs,
+                                 std::vector<int>* in_storage_types,
+                                 std::vector<int>* out_storage_types) {
+  for (int& type : *in_storage_types) {
+    if (type != -1 && type != kDefaultStorage) {
+      LSOFTMAX_ERROR << "lsoftmax_target: inputs must be dense NDArrays, got storage type " << type;
+      return MX_FAIL;
+    }
+    type = kDefaultStorage;
+  }
+  for (int& type : *out_storage_types) type = kDefaultStorage;
+  return MX_SUCCESS;
+}
+
+MXReturnValue mutate_inputs(const std::unordered_map<std::string, std::string>& attrs,
+                            std::vector<int>* input_indices) {
+  input_indices->push_back(kStep);
+  return MX_SUCCESS;
+}
+
+// Sizes read off the tensors, checked once for both passes.
+struct Shape {
+  int64_t rows, classes, dims;
+};
+
+Shape shape_of(const std::vector<MXTensor>& inputs, int logits_index, int data_index) {
+  return Shape{inputs[logits_index].shape[0], inputs[logits_index].shape[1],
+               inputs[data_index].shape[1]};
+}
+
+// Labels are read through their own dtype; every row is checked before any
+// output is written, so a bad label leaves the outputs and the step untouched.
+template <typename L>
+bool check_labels_typed(const L* labels, int64_t rows, int64_t classes,
+                        std::vector<int64_t>* indices) {
+  indices->resize(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    (*indices)[i] = class_index(labels[i], classes);
+    if ((*indices)[i] < 0) {
+      LSOFTMAX_ERROR << "lsoftmax_target: input label must hold integer class indices in [0, "
+                   << classes << "), got label[" << i << "] = " << static_cast<double>(labels[i]);
+      return false;
+    }
+  }
+  return true;
+}
+
+bool read_labels(MXTensor& label, int64_t classes, std::vector<int64_t>* indices) {
+  const int64_t rows = label.shape[0];
+  switch (label.dtype) {
+    case kFloat32: return check_labels_typed(label.data<float>(), rows, classes, indices);
+    case kFloat64: return check_labels_typed(label.data<double>(), rows, classes, indices);
+    case kInt32: return check_labels_typed(label.data<int32_t>(), rows, classes, indices);
+    case kInt64: return check_labels_typed(label.data<int64_t>(), rows, classes, indices);
+    case kUint8: return check_labels_typed(label.data<uint8_t>(), rows, classes, indices);
+    case kInt8: return check_labels_typed(label.data<int8_t>(), rows, classes, indices);
+    default:
+      LSOFTMAX_ERROR << "lsoftmax_target: input label has unsupported dtype code " << label.dtype;
+      return false;
+  }
+}
+
+template <typename T>
+MXReturnValue forward_cpu_typed(const Params& p, std::vector<MXTensor>* inputs,
+                                std::vector<MXTensor>* outputs) {
+  const Shape s = shape_of(*inputs, kLogits, kData);
+  std::vector<int64_t> labels;
+  if (!read_labels((*inputs)[kLabel], s.classes, &labels)) return MX_FAIL;
+  const T* logits = (*inputs)[kLogits].data<T>();
+  const T* data = (*inputs)[kData].data<T>();
+  const T* weight = (*inputs)[kWeight].data<T>();
+  T* step = (*inputs)[kStep].data<T>();
+  T* out = (*outputs)[kOutput].data<T>();
+  const T beta = static_cast<T>(beta_at(p, static_cast<double>(step[0])));
+  std::memcpy(out, logits, sizeof(T) * s.rows * s.classes);
+  for (int64_t i = 0; i < s.rows; ++i) {
+    forward_row(i, labels[i], logits, data, weight, out, s.classes, s.dims, beta, p.margin);
+  }
+  (*outputs)[kBetaUsed].data<T>()[0] = beta;
+  step[0] += T(1);
+  return MX_SUCCESS;
+}
+
+// Backward inputs are [grad_output, grad_beta, logits, data, weight, label, step, output, beta].
+template <typename T>
+MXReturnValue backward_cpu_typed(const Params& p, std::vector<MXTensor>* inputs,
+                                 std::vector<MXTensor>* outputs) {
+  const Shape s = shape_of(*inputs, kBackwardLogits, kBackwardData);
+  std::vector<int64_t> labels;
+  if (!read_labels((*inputs)[kBackwardLabel], s.classes, &labels)) return MX_FAIL;
+  const T* grad_output = (*inputs)[kBackwardGradOutput].data<T>();
+  const T* logits = (*inputs)[kBackwardLogits].data<T>();
+  const T* data = (*inputs)[kBackwardData].data<T>();
+  const T* weight = (*inputs)[kBackwardWeight].data<T>();
+  const T beta = (*inputs)[kBackwardBetaUsed].data<T>()[0];
+  T* grad_logits = (*outputs)[kLogits].data<T>();
+  T* grad_data = (*outputs)[kData].data<T>();
+  T* grad_weight = (*outputs)[kWeight].data<T>();
+  std::memcpy(grad_logits, grad_output, sizeof(T) * s.rows * s.classes);
+  std::memset(grad_weight, 0, sizeof(T) * s.classes * s.dims);
+  for (int64_t i = 0; i < s.rows; ++i) {
+    const int64_t y = labels[i];
+    const RowGradient<T> row =
+        backward_row(i, y, grad_output, logits, data, weight, s.classes, s.dims, beta, p.margin);
+    grad_logits[i * s.classes + y] = row.grad_target;
+    for (int64_t d = 0; d < s.dims; ++d) {
+      grad_data[i * s.dims + d] = row.along_data * data[i * s.dims + d];
+      grad_weight[y * s.dims + d] += row.along_weight * weight[y * s.dims + d];
+    }
+  }
+  zero_tensor_cpu(outputs, kLabel);
+  zero_tensor_cpu(outputs, kStep);
+  return MX_SUCCESS;
+}
+
+MXReturnValue forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                          const OpResource& resource) {
+  Params p;
+  if (!parse_params(attrs, &p)) return MX_FAIL;
+  if ((*inputs)[kLogits].dtype == kFloat64) return forward_cpu_typed<double>(p, inputs, outputs);
+  return forward_cpu_typed<float>(p, inputs, outputs);
+}
+
+MXReturnValue backward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                           const OpResource& resource) {
+  Params p;
+  if (!parse_params(attrs, &p)) return MX_FAIL;
+  if ((*inputs)[kBackwardLogits].dtype == kFloat64) {
+    return backward_cpu_typed<double>(p, inputs, outputs);
+  }
+  return backward_cpu_typed<float>(p, inputs, outputs);
+}
+
+}  // namespace
+
+void zero_tensor_cpu(std::vector<MXTensor>* tensors, int index) {
+  if (index >= static_cast<int>(tensors->size())) return;
+  MXTensor& tensor = (*tensors)[index];
+  std::memset(tensor.data_ptr, 0, tensor.size() * dtype_size(tensor.dtype));
+}
+
+size_t dtype_size(int dtype) {
+  switch (dtype) {
+    case kFloat64: case kInt64: return 8;
+    case kFloat32: case kInt32: return 4;
+    case kFloat16: return 2;
+    default: return 1;
+  }
+}
+
+const char* input_name(int index) {
+  static const char* names[kNumInputs] = {"logits", "data", "weight", "label", "step"};
+  return index >= 0 && index < kNumInputs ? names[index] : "?";
+}
+
+}  // namespace lsoftmax
+
+REGISTER_OP(lsoftmax_target)
+    .setParseAttrs(lsoftmax::parse_attrs)
+    .setInferType(lsoftmax::infer_type)
+    .setInferShape(lsoftmax::infer_shape)
+    .setInferSType(lsoftmax::infer_storage_type)
+    .setMutateInputs(lsoftmax::mutate_inputs)
+    .setForward(lsoftmax::forward_cpu, "cpu")
+    .setBackward(lsoftmax::backward_cpu, "cpu")
+#if defined(LSOFTMAX_WITH_CUDA)
+    .setForward(lsoftmax::forward_gpu, "gpu")
+    .setBackward(lsoftmax::backward_gpu, "gpu")
+#endif
+    ;
+
+MXReturnValue initialize(int version) {
+  if (version >= 10700) return MX_SUCCESS;
+  LSOFTMAX_ERROR << "lsoftmax: this library needs MXNet >= 1.7.0, got version " << version;
+  return MX_FAIL;
+}
