@@ -107,6 +107,9 @@ class LSoftmaxOp(mx.operator.CustomOp):
         o, _, _, _ = target_column(z, norm_x, norm_w, beta, self.params.margin)
         logits[rows, label_index] = o
         step[:] = t + 1
+        # MXNet waits for the outputs of a CustomOp, not for its auxiliary
+        # states: without this wait the executor could read a stale step.
+        step.wait_to_read()
         self.beta_used = beta
         self.assign(out_data[0], req[0], logits)
 

@@ -1,0 +1,62 @@
+"""The one place for the test matrix (backends, dtypes, margins) and the tolerances."""
+import math
+import os
+import sys
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mx_lsoftmax  # noqa: E402
+
+MARGINS = (1, 2, 3, 4, 5, 6)
+BETAS = (0.0, 3.5)
+DTYPES = ("float32", "float64")
+ALL_BACKENDS = ("python", "compiled")
+
+# Agreement with the float64 spec: the operators take other routes (Chebyshev
+# recurrence, chain rule through the norms), so float64 agrees to rounding.
+TOLERANCE = {
+    "float64": dict(rtol=1e-10, atol=1e-10),
+    "float32": dict(rtol=2e-4, atol=2e-4),
+}
+# Central differences in float64 with step 1e-6: truncation error ~1e-8 relative.
+NUMERIC_GRADIENT = dict(numeric_eps=1e-6, rtol=1e-5, atol=1e-7)
+
+def compiled_available():
+    return mx_lsoftmax.library.is_loaded()
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    if request.param == "compiled" and not compiled_available():
+        if os.environ.get("CI"):
+            pytest.fail("the compiled library is not built in CI: `make` must run before pytest")
+        pytest.skip("the compiled library is not built (run `make`)")
+    return request.param
+
+@pytest.fixture(params=DTYPES)
+def dtype(request):
+    return request.param
+
+def angle_clear_inputs(rows, dims, classes, margin, seed, dtype="float64", clearance=0.05):
+    """Random (data, weight, label) whose target angles keep `clearance` (in cos) from
+    every threshold cos(j pi / m), where psi' jumps: finite differences stay honest."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((classes, dims))
+    label = rng.integers(0, classes, rows)
+    data = np.empty((rows, dims))
+    thresholds = [math.cos(j * math.pi / margin) for j in range(1, margin)] + [1.0, -1.0]
+    for i in range(rows):
+        while True:
+            row = rng.standard_normal(dims)
+            w = weight[label[i]]
+            c = row @ w / (np.linalg.norm(row) * np.linalg.norm(w))
+            if all(abs(c - t) > clearance for t in thresholds):
+                data[i] = row
+                break
+    return data.astype(dtype), weight.astype(dtype), label
+
+def nd(array, dtype=None):
+    array = np.asarray(array)
+    return mx.nd.array(array, dtype=dtype or array.dtype)
