@@ -17,13 +17,12 @@ BUILD_DIR     := build
 LIBRARY       := mx_lsoftmax/lib/liblsoftmax.so
 CUDA_LIBRARY  := mx_lsoftmax/lib/liblsoftmax_cuda.so
 SOURCES       := src/operator/lsoftmax.cc
-HEADERS       := src/operator/lsoftmax-inl.h src/operator/lsoftmax-launch.h
+HEADERS       := src/operator/lsoftmax-inl.h src/operator/lsoftmax-launch.h src/operator/lsoftmax-gpu.h
 
 # Found from the installed package, never hard-coded.
 MXNET_INCLUDE  = $(shell $(PYTHON) -c "import mxnet.libinfo as l; print(l.find_include_path())" 2>/dev/null)
 MXNET_LIB_API  = $(abspath $(MXNET_INCLUDE)/../src/lib_api.cc)
 CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -Wall -Wno-unused-function
-CURAND_INCLUDE = $(shell $(PYTHON) -c "import nvidia.curand, os; print(os.path.join(list(nvidia.curand.__path__)[0], 'include'))" 2>/dev/null)
 
 .PHONY: all cuda install test demo bench clean
 
@@ -42,24 +41,18 @@ $(LIBRARY): $(SOURCES) $(HEADERS) $(VENV)/.installed
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -shared -I$(MXNET_INCLUDE) -Isrc/operator $(SOURCES) $(MXNET_LIB_API) -o $@
 
-$(VENV)/.curand: $(VENV)/.installed
-	$(PYTHON) -m pip install -q 'nvidia-curand-cu12==10.3.*'
-	touch $@
-
-# lib_api.h includes curand_kernel.h under nvcc; the CUDA toolkit here has no
-# cuRAND headers, the PyPI package nvidia-curand carries them.
-$(CUDA_LIBRARY): $(SOURCES) src/operator/lsoftmax.cu $(HEADERS) $(VENV)/.curand
+# lsoftmax.cu holds only kernels and plain-pointer launchers; lib_api.h (which
+# under nvcc would need cuRAND's headers, absent from this CUDA toolkit) is
+# compiled by the host compiler only, so no cuRAND package is needed.
+$(CUDA_LIBRARY): $(SOURCES) src/operator/lsoftmax.cu $(HEADERS) $(VENV)/.installed
 	@mkdir -p $(dir $@) $(BUILD_DIR)
-	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -DLSOFTMAX_WITH_CUDA \
-	    -I$(MXNET_INCLUDE) -I$(CURAND_INCLUDE) -Isrc/operator -c src/operator/lsoftmax.cu \
-	    -o $(BUILD_DIR)/lsoftmax_cu.o
-	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -DLSOFTMAX_WITH_CUDA \
-	    -I$(MXNET_INCLUDE) -I$(CURAND_INCLUDE) -Isrc/operator -x cu -c $(SOURCES) \
-	    -o $(BUILD_DIR)/lsoftmax_cc.o
-	$(NVCC) -O3 -std=c++17 -Xcompiler -fPIC -x cu -I$(MXNET_INCLUDE) -I$(CURAND_INCLUDE) \
-	    -c $(MXNET_LIB_API) -o $(BUILD_DIR)/lib_api_cu.o
-	$(NVCC) -shared $(CUDA_ARCH) $(BUILD_DIR)/lsoftmax_cu.o $(BUILD_DIR)/lsoftmax_cc.o \
-	    $(BUILD_DIR)/lib_api_cu.o -cudart static -o $@
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -Isrc/operator \
+	    -c src/operator/lsoftmax.cu -o $(BUILD_DIR)/lsoftmax_cu.o
+	$(CXX) $(CXXFLAGS) -DLSOFTMAX_WITH_CUDA -I$(MXNET_INCLUDE) -Isrc/operator \
+	    -c $(SOURCES) -o $(BUILD_DIR)/lsoftmax_cc.o
+	$(CXX) $(CXXFLAGS) -I$(MXNET_INCLUDE) -c $(MXNET_LIB_API) -o $(BUILD_DIR)/lib_api.o
+	$(NVCC) -shared $(CUDA_ARCH) -cudart static $(BUILD_DIR)/lsoftmax_cu.o \
+	    $(BUILD_DIR)/lsoftmax_cc.o $(BUILD_DIR)/lib_api.o -o $@
 
 cuda: $(CUDA_LIBRARY)
 

@@ -41,16 +41,6 @@ void zero_tensor_cpu(std::vector<mxnet::ext::MXTensor>* tensors, int index);
 size_t dtype_size(int dtype);
 const char* input_name(int index);
 
-#if defined(LSOFTMAX_WITH_CUDA)
-mxnet::ext::MXReturnValue forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
-                                      std::vector<mxnet::ext::MXTensor>* inputs,
-                                      std::vector<mxnet::ext::MXTensor>* outputs,
-                                      const mxnet::ext::OpResource& resource);
-mxnet::ext::MXReturnValue backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
-                                       std::vector<mxnet::ext::MXTensor>* inputs,
-                                       std::vector<mxnet::ext::MXTensor>* outputs,
-                                       const mxnet::ext::OpResource& resource);
-#endif
 
 }  // namespace lsoftmax
 

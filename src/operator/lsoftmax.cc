@@ -26,6 +26,7 @@
 #include "mxnet/lib_api.h"
 #include "lsoftmax-inl.h"
 #include "lsoftmax-launch.h"
+#include "lsoftmax-gpu.h"
 
 using namespace mxnet::ext;
 
@@ -297,6 +298,89 @@ MXReturnValue backward_cpu_typed(const Params& p, std::vector<MXTensor>* inputs,
   return MX_SUCCESS;
 }
 
+#if defined(LSOFTMAX_WITH_CUDA)
+// ---- GPU launchers: unpack the tensors, dispatch on dtypes, call lsoftmax.cu ----
+
+MXReturnValue report_gpu(int result, int64_t classes) {
+  if (result == kGpuSuccess) return MX_SUCCESS;
+  if (result == kCudaFailure) {
+    LSOFTMAX_ERROR << "lsoftmax_target: a CUDA kernel failed to launch";
+  } else {
+    LSOFTMAX_ERROR << "lsoftmax_target: input label must hold integer class indices in [0, "
+                   << classes << "), got a bad value at label[" << result << "]";
+  }
+  return MX_FAIL;
+}
+
+
+template <typename T, typename L>
+MXReturnValue forward_gpu_typed(const Params& p, std::vector<MXTensor>* inputs,
+                                std::vector<MXTensor>* outputs, const OpResource& resource) {
+  const Shape s = shape_of(*inputs, kLogits, kData);
+  GpuForward<T, L> a{(*inputs)[kLogits].data<T>(), (*inputs)[kData].data<T>(),
+                     (*inputs)[kWeight].data<T>(), (*inputs)[kLabel].data<L>(),
+                     (*inputs)[kStep].data<T>(), (*outputs)[kOutput].data<T>(),
+                     (*outputs)[kBetaUsed].data<T>(), s.rows, s.classes, s.dims, p,
+                     static_cast<int*>(resource.alloc_gpu(sizeof(int))),
+                     resource.get_cuda_stream()};
+  return report_gpu(forward_gpu_launch(a), s.classes);
+}
+
+template <typename T, typename L>
+MXReturnValue backward_gpu_typed(const Params& p, std::vector<MXTensor>* inputs,
+                                 std::vector<MXTensor>* outputs, const OpResource& resource) {
+  const Shape s = shape_of(*inputs, kBackwardLogits, kBackwardData);
+  GpuBackward<T, L> a{(*inputs)[kBackwardGradOutput].data<T>(),
+                      (*inputs)[kBackwardLogits].data<T>(), (*inputs)[kBackwardData].data<T>(),
+                      (*inputs)[kBackwardWeight].data<T>(), (*inputs)[kBackwardLabel].data<L>(),
+                      (*inputs)[kBackwardBetaUsed].data<T>(), (*outputs)[kLogits].data<T>(),
+                      (*outputs)[kData].data<T>(), (*outputs)[kWeight].data<T>(), s.rows,
+                      s.classes, s.dims, p.margin,
+                      static_cast<int*>(resource.alloc_gpu(sizeof(int))),
+                      resource.get_cuda_stream()};
+  const int result = backward_gpu_launch(a);
+  for (int index : {kLabel, kStep}) {
+    if (index < static_cast<int>(outputs->size())) {
+      MXTensor& tensor = (*outputs)[index];
+      zero_device(tensor.data_ptr, tensor.size() * dtype_size(tensor.dtype), a.stream);
+    }
+  }
+  return report_gpu(result, s.classes);
+}
+
+template <typename T, template <typename, typename> class Launch>
+MXReturnValue dispatch_label(int label_dtype, const Params& p, std::vector<MXTensor>* inputs,
+                             std::vector<MXTensor>* outputs, const OpResource& resource) {
+  switch (label_dtype) {
+    case kFloat32: return Launch<T, float>::run(p, inputs, outputs, resource);
+    case kFloat64: return Launch<T, double>::run(p, inputs, outputs, resource);
+    case kInt32: return Launch<T, int32_t>::run(p, inputs, outputs, resource);
+    case kInt64: return Launch<T, int64_t>::run(p, inputs, outputs, resource);
+    case kUint8: return Launch<T, uint8_t>::run(p, inputs, outputs, resource);
+    case kInt8: return Launch<T, int8_t>::run(p, inputs, outputs, resource);
+    default:
+      LSOFTMAX_ERROR << "lsoftmax_target: input label has unsupported dtype code " << label_dtype;
+      return MX_FAIL;
+  }
+}
+
+template <typename T, typename L>
+struct ForwardGpu {
+  static MXReturnValue run(const Params& p, std::vector<MXTensor>* inputs,
+                           std::vector<MXTensor>* outputs, const OpResource& resource) {
+    return forward_gpu_typed<T, L>(p, inputs, outputs, resource);
+  }
+};
+
+template <typename T, typename L>
+struct BackwardGpu {
+  static MXReturnValue run(const Params& p, std::vector<MXTensor>* inputs,
+                           std::vector<MXTensor>* outputs, const OpResource& resource) {
+    return backward_gpu_typed<T, L>(p, inputs, outputs, resource);
+  }
+};
+#endif  // LSOFTMAX_WITH_CUDA
+
 MXReturnValue forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                           const OpResource& resource) {
@@ -316,6 +400,32 @@ MXReturnValue backward_cpu(const std::unordered_map<std::string, std::string>& a
   }
   return backward_cpu_typed<float>(p, inputs, outputs);
 }
+
+#if defined(LSOFTMAX_WITH_CUDA)
+MXReturnValue forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                          const OpResource& resource) {
+  Params p;
+  if (!parse_params(attrs, &p)) return MX_FAIL;
+  const int label_dtype = (*inputs)[kLabel].dtype;
+  if ((*inputs)[kLogits].dtype == kFloat64) {
+    return dispatch_label<double, ForwardGpu>(label_dtype, p, inputs, outputs, resource);
+  }
+  return dispatch_label<float, ForwardGpu>(label_dtype, p, inputs, outputs, resource);
+}
+
+MXReturnValue backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                           const OpResource& resource) {
+  Params p;
+  if (!parse_params(attrs, &p)) return MX_FAIL;
+  const int label_dtype = (*inputs)[kBackwardLabel].dtype;
+  if ((*inputs)[kBackwardLogits].dtype == kFloat64) {
+    return dispatch_label<double, BackwardGpu>(label_dtype, p, inputs, outputs, resource);
+  }
+  return dispatch_label<float, BackwardGpu>(label_dtype, p, inputs, outputs, resource);
+}
+#endif  // LSOFTMAX_WITH_CUDA
 
 }  // namespace
 

@@ -1,0 +1,103 @@
+"""Bad input: a clear error naming the parameter and the value, and MXNet keeps working."""
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd
+
+import mx_lsoftmax
+
+from conftest import nd
+
+GOOD = dict(data=np.ones((4, 3)), weight=np.ones((5, 3)), label=np.array([0, 1, 4, 2]))
+
+
+def call(backend, data=None, weight=None, label=None, num_hidden=5, **settings):
+    data = GOOD["data"] if data is None else data
+    weight = GOOD["weight"] if weight is None else weight
+    label = GOOD["label"] if label is None else label
+    with autograd.record():
+        out = mx_lsoftmax.lsoftmax(nd(data), nd(weight), nd(label), num_hidden, backend=backend,
+                                   **settings)
+    return out.asnumpy()
+
+
+def assert_still_working():
+    np.testing.assert_array_equal((mx.nd.ones((2, 2)) * 3).asnumpy(), np.full((2, 2), 3.0))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(label=np.array([0, 1, 5, 2])), "label[2] = 5"),
+    (dict(label=np.array([0, -1, 4, 2])), "label[1] = -1"),
+    (dict(label=np.array([0, 1.5, 4, 2])), "label[1] = 1.5"),
+    (dict(label=np.array([0, np.nan, 4, 2])), "label[1] = nan"),
+    (dict(margin=0), "margin must be an integer >= 1, got 0"),
+    (dict(margin=2.5), "margin must be an integer >= 1, got 2.5"),
+    (dict(beta=-1.0), "beta must be >= 0, got -1.0"),
+    (dict(beta_min=-2.0), "beta_min must be >= 0, got -2.0"),
+    (dict(scale=0.0), "scale must be in (0, 1], got 0.0"),
+    (dict(scale=1.01), "scale must be in (0, 1], got 1.01"),
+    (dict(power=0.0), "power must be > 0, got 0.0"),
+    (dict(power=-1.0), "power must be > 0, got -1.0"),
+    (dict(gamma=-0.5), "gamma must be >= 0, got -0.5"),
+    (dict(data=np.ones((4, 3, 1))), "data must be 2-D (N, D), got shape (4, 3, 1)"),
+    (dict(weight=np.ones((5, 2))), "weight must have shape (num_hidden, D) = (5, 3), got (5, 2)"),
+    (dict(weight=np.ones((4, 3))), "weight must have shape (num_hidden, D) = (5, 3), got (4, 3)"),
+    (dict(label=np.array([0, 1])), "label must have shape (N,) = (4,), got (2,)"),
+    (dict(num_hidden=0), "num_hidden must be a positive integer, got 0"),
+    (dict(backend_override="gpu"), "backend must be one of"),
+])
+def test_entry_point_rejects_bad_input(backend, settings, message):
+    settings = dict(settings)
+    if "backend_override" in settings:
+        backend = settings.pop("backend_override")
+    with pytest.raises(ValueError) as error:
+        call(backend, **settings)
+    assert message in str(error.value)
+    assert_still_working()
+    call("python")  # the layer itself still works
+
+
+def test_custom_op_rejects_bad_settings_without_crashing():
+    x, w, y, step = mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), mx.nd.array([0, 1]), mx.nd.zeros((1,))
+    for settings in (dict(margin=0), dict(beta=-1), dict(scale=2), dict(power=0), dict(num_hidden=3)):
+        attrs = dict(num_hidden=4) | settings
+        with pytest.raises(mx.base.MXNetError):
+            mx.nd.Custom(x, w, y, step, op_type="LSoftmax", **attrs).asnumpy()
+    with pytest.raises(mx.base.MXNetError):
+        with autograd.record():
+            mx.nd.Custom(x, w, mx.nd.array([0, 9]), step, op_type="LSoftmax", num_hidden=4).asnumpy()
+    assert step.asscalar() == 0  # a rejected forward does not advance the schedule
+    assert_still_working()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(margin=0), "parameter margin must be an integer >= 1, got 0"),
+    (dict(margin="x"), "parameter margin must be a finite number, got 'x'"),
+    (dict(beta=-1), "parameter beta must be >= 0, got -1"),
+    (dict(beta_min=-1), "parameter beta_min must be >= 0, got -1"),
+    (dict(scale=0), "parameter scale must be in (0, 1], got 0"),
+    (dict(gamma=-1), "parameter gamma must be >= 0, got -1"),
+    (dict(power=0), "parameter power must be > 0, got 0"),
+])
+def test_compiled_op_reports_bad_settings_through_mxnet(settings, message):
+    if not mx_lsoftmax.library.is_loaded():
+        pytest.skip("the compiled library is not built (run `make`)")
+    inputs = (mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), mx.nd.array([0, 1]),
+              mx.nd.zeros((1,)))
+    with pytest.raises(mx.base.MXNetError) as error:
+        mx.nd.lsoftmax_target(*inputs, **settings)[0].asnumpy()
+    assert message in str(error.value)
+    assert str(error.value).count("lsoftmax_target:") == 1  # no stale messages from earlier errors
+    assert_still_working()
+
+
+def test_compiled_op_reports_bad_label_through_mxnet():
+    if not mx_lsoftmax.library.is_loaded():
+        pytest.skip("the compiled library is not built (run `make`)")
+    step = mx.nd.zeros((1,))
+    with pytest.raises(mx.base.MXNetError) as error:
+        mx.nd.lsoftmax_target(mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)),
+                              mx.nd.array([0, 7]), step)[0].asnumpy()
+    assert "label[1] = 7" in str(error.value)
+    assert step.asscalar() == 0
+    assert_still_working()
