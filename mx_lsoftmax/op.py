@@ -92,56 +92,68 @@ class LSoftmaxOp(mx.operator.CustomOp):
 
     def forward(self, is_train, req, in_data, out_data, aux):
         data, weight, label = in_data
-        logits = mx.nd.FullyConnected(data, weight, no_bias=True, num_hidden=self.num_classes)
-        if not is_train:
+        # Write the product straight into the output when allowed: a (N, C)
+        # copy costs as much as the whole target-column step.
+        logits = out_data[0] if req[0] == "write" else mx.nd.empty(out_data[0].shape, data.context, data.dtype)
+        mx.nd.FullyConnected(data, weight, no_bias=True, num_hidden=self.num_classes, out=logits)
+        if is_train:
+            check_labels(label, self.num_classes)
+            step = aux[0]
+            t = float(step.asscalar())
+            beta = self.params.beta_at(t)
+            label_index = label.astype("int64")
+            rows = mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context)
+            z, norm_x, norm_w, _ = _target_quantities(data, weight, label_index)
+            o, _, _, _ = target_column(z, norm_x, norm_w, beta, self.params.margin)
+            logits[rows, label_index] = o
+            step[:] = t + 1
+            # MXNet waits for the outputs of a CustomOp, not for its auxiliary
+            # states: without this wait the executor could read a stale step.
+            step.wait_to_read()
+            self.beta_used = beta
+        else:
             self.beta_used = None
+        if req[0] != "write":
             self.assign(out_data[0], req[0], logits)
-            return
-        check_labels(label, self.num_classes)
-        step = aux[0]
-        t = float(step.asscalar())
-        beta = self.params.beta_at(t)
-        label_index = label.astype("int64")
-        rows = mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context)
-        z, norm_x, norm_w, _ = _target_quantities(data, weight, label_index)
-        o, _, _, _ = target_column(z, norm_x, norm_w, beta, self.params.margin)
-        logits[rows, label_index] = o
-        step[:] = t + 1
-        # MXNet waits for the outputs of a CustomOp, not for its auxiliary
-        # states: without this wait the executor could read a stale step.
-        step.wait_to_read()
-        self.beta_used = beta
-        self.assign(out_data[0], req[0], logits)
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        """Gradients without copying or rewriting the (N, C) output gradient G.
+
+        With G' = G except G'[i, y_i] = g_i do/dz (D7, D8):
+          dx = G' W + (g do/d|x| / |x|) x = G W + (do/dz - 1) g w_y + (g do/d|x| / |x|) x
+          dW = G'^T x + rows y_i += (g do/d|w| / |w_y|) w_y
+             = G^T x + rows y_i += (do/dz - 1) g x_i + (g do/d|w| / |w_y|) w_y
+        so the two products run on G as it is and every correction is O(N D).
+        """
         data, weight, label = in_data
         grad_output = out_grad[0]
-        if self.beta_used is None:
-            # Backward of an inference-mode forward: the plain layer's gradient.
-            self.assign(in_grad[0], req[0], mx.nd.dot(grad_output, weight))
-            self.assign(in_grad[1], req[1], mx.nd.dot(grad_output, data, transpose_a=True))
-            self.assign(in_grad[2], req[2], mx.nd.zeros_like(label))
-            return
-        label_index = label.astype("int64")
-        rows = mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context)
-        z, norm_x, norm_w, w_y = _target_quantities(data, weight, label_index)
-        _, d_z, d_norm_x, d_norm_w = target_column(z, norm_x, norm_w, self.beta_used, self.params.margin)
-        g_target = grad_output[rows, label_index]
-        # Route the target-column gradient through z (column scaled by do/dz)
-        # and through the norms: d|x|/dx = x/|x|, d|w_y|/dw_y = w_y/|w_y| (D7).
-        scaled = grad_output.copy()
-        scaled[rows, label_index] = g_target * d_z
-        ones = mx.nd.ones_like(norm_x)
-        along_x = g_target * d_norm_x / mx.nd.where(norm_x > 0, norm_x, ones)
-        along_w = g_target * d_norm_w / mx.nd.where(norm_w > 0, norm_w, ones)
-        grad_data = mx.nd.dot(scaled, weight) + along_x.expand_dims(1) * data
-        # Rows of W that are targets of several samples collect every sample's
-        # share: a scatter-add, done as a (C x N) one-hot product (O(N C)).
-        per_class = mx.nd.dot(mx.nd.one_hot(label_index, self.num_classes, dtype=data.dtype),
-                              along_w, transpose_a=True)
-        grad_weight = mx.nd.dot(scaled, data, transpose_a=True) + per_class.expand_dims(1) * weight
-        self.assign(in_grad[0], req[0], grad_data)
-        self.assign(in_grad[1], req[1], grad_weight)
+        grad_data = in_grad[0] if req[0] == "write" else mx.nd.empty(data.shape, data.context, data.dtype)
+        grad_weight = in_grad[1] if req[1] == "write" else mx.nd.empty(weight.shape, data.context, data.dtype)
+        mx.nd.dot(grad_output, weight, out=grad_data)
+        mx.nd.dot(grad_output, data, transpose_a=True, out=grad_weight)
+        if self.beta_used is not None:
+            label_index = label.astype("int64")
+            z, norm_x, norm_w, w_y = _target_quantities(data, weight, label_index)
+            _, d_z, d_norm_x, d_norm_w = target_column(z, norm_x, norm_w, self.beta_used, self.params.margin)
+            g_target = mx.nd.pick(grad_output, label_index, axis=1)
+            ones = mx.nd.ones_like(norm_x)
+            through_z = (g_target * (d_z - 1)).expand_dims(1)
+            along_x = (g_target * d_norm_x / mx.nd.where(norm_x > 0, norm_x, ones)).expand_dims(1)
+            along_w = (g_target * d_norm_w / mx.nd.where(norm_w > 0, norm_w, ones)).expand_dims(1)
+            grad_data += through_z * w_y + along_x * data
+            row_updates = through_z * data + along_w * w_y
+            # Rows of W that are targets of several samples collect every
+            # sample's update: sum them per distinct class (an N x U one-hot
+            # product), then add once per class, so no index repeats.
+            classes, position = np.unique(label.asnumpy().astype(np.int64), return_inverse=True)
+            class_index = mx.nd.array(classes, ctx=data.context, dtype="int64")
+            membership = mx.nd.one_hot(mx.nd.array(position, ctx=data.context), len(classes), dtype=data.dtype)
+            per_class = mx.nd.dot(membership, row_updates, transpose_a=True)
+            grad_weight[class_index] = mx.nd.take(grad_weight, class_index) + per_class
+        if req[0] != "write":
+            self.assign(in_grad[0], req[0], grad_data)
+        if req[1] != "write":
+            self.assign(in_grad[1], req[1], grad_weight)
         self.assign(in_grad[2], req[2], mx.nd.zeros_like(label))
 
 
