@@ -1,0 +1,76 @@
+"""The IDX loader: good files in every spelling, bad files named, offline message."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from mx_lsoftmax.data import MNIST_FILES, DataError, load_mnist, parse_idx
+
+
+def write_idx(directory, count=3, spelling="dash", compress=True, truncate=False, magic=None):
+    rng = np.random.default_rng(0)
+    for (split, kind), base in MNIST_FILES.items():
+        n = count if split == "train" else count - 1
+        if kind == "images":
+            body = struct.pack(">IIII", magic or 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
+        else:
+            body = struct.pack(">II", 2049, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes()
+        if truncate and kind == "images" and split == "train":
+            body = body[:-5]
+        name = base if spelling == "dash" else base.replace("-idx", ".idx")
+        path = os.path.join(directory, name + (".gz" if compress else ""))
+        with (gzip.open if compress else open)(path, "wb") as handle:
+            handle.write(body)
+
+
+@pytest.mark.parametrize("spelling", ["dash", "dot"])
+@pytest.mark.parametrize("compress", [True, False])
+def test_loads_both_spellings_gzip_or_raw(tmp_path, spelling, compress):
+    write_idx(str(tmp_path), spelling=spelling, compress=compress)
+    mnist = load_mnist(str(tmp_path), download=False)
+    assert mnist["train"][0].shape == (3, 28, 28) and mnist["train"][1].shape == (3,)
+    assert mnist["test"][0].shape == (2, 28, 28)
+
+
+def test_truncated_file_is_named(tmp_path):
+    write_idx(str(tmp_path), truncate=True)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*truncated"):
+        load_mnist(str(tmp_path), download=False)
+
+
+def test_wrong_magic_is_named(tmp_path):
+    write_idx(str(tmp_path), magic=1234)
+    with pytest.raises(DataError, match="magic number 1234, expected 2051"):
+        load_mnist(str(tmp_path), download=False)
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+    write_idx(str(tmp_path))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
+        load_mnist(str(tmp_path), download=False)
+
+
+def test_missing_files_say_what_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError) as error:
+        load_mnist(str(tmp_path / "nowhere"), download=False)
+    assert "train-images-idx3-ubyte.gz" in str(error.value) and "MNIST_DIR" in str(error.value)
+
+
+def test_header_shorter_than_idx():
+    with pytest.raises(DataError, match="shorter than an IDX images header"):
+        parse_idx(b"\x00\x00", "x", "images")
+
+
+def test_real_mnist_when_present():
+    directory = os.environ.get("MNIST_DIR")
+    if not directory or not os.path.isdir(directory):
+        pytest.skip("MNIST_DIR is not set to the real MNIST files")
+    mnist = load_mnist(directory, download=False)
+    assert mnist["train"][0].shape == (60000, 28, 28)
+    assert mnist["test"][0].shape == (10000, 28, 28)
+    assert set(np.unique(mnist["test"][1])) == set(range(10))
