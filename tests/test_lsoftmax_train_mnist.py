@@ -26,7 +26,7 @@ def test_short_run_learns_and_writes_json(tmp_path, backend):
         if not mx_lsoftmax.library.is_loaded():
             pytest.skip("the compiled library is not built (run `make`)")
     summary_path = tmp_path / "summary.json"
-    load_example().main(["--backend", backend, "--epochs", "1", "--train-limit", "3000",
+    load_example().main(["--backend", backend, "--epochs", "2", "--train-limit", "10000",
                          "--test-limit", "1000", "--embed-dim", "2", "--margin", "2", "--beta", "10",
                          "--lr", "0.05", "--lr-steps", "--no-progress", "--json", str(summary_path),
                          "--plot", str(tmp_path / "features.png")])

@@ -1,0 +1,146 @@
+"""Gluon block and Module training: resume, export, several devices, each backend."""
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon
+
+import mx_lsoftmax
+from mx_lsoftmax.gluon import LSoftmaxDense
+
+from conftest import angle_clear_inputs, nd
+
+SCHEDULE = dict(margin=3, beta=20.0, scale=0.8, beta_min=0.5)
+
+
+def train(block, data, label, steps, contexts=(mx.cpu(),), trainer=None):
+    trainer = trainer or gluon.Trainer(block.collect_params(), "sgd", {"learning_rate": 0.1})
+    loss_function = gluon.loss.SoftmaxCrossEntropyLoss()
+    betas = []
+    for _ in range(steps):
+        betas.append([block.schedule.beta_at(block.step.data(c).asscalar()) for c in contexts])
+        parts_x = gluon.utils.split_and_load(nd(data, "float32"), list(contexts))
+        parts_y = gluon.utils.split_and_load(nd(label, "float32"), list(contexts))
+        with autograd.record():
+            losses = [loss_function(block(x, y), y) for x, y in zip(parts_x, parts_y)]
+        for loss in losses:
+            loss.backward()
+        trainer.step(len(label))
+    return betas, trainer
+
+
+def fresh(backend, hybridize=True, contexts=(mx.cpu(),)):
+    block = LSoftmaxDense(4, in_units=6, backend=backend, **SCHEDULE)
+    block.initialize(mx.init.Xavier(rnd_type="gaussian"), ctx=list(contexts))
+    block.weight.set_data(nd(np.random.default_rng(7).standard_normal((4, 6)), "float32"))
+    if hybridize:
+        block.hybridize()
+    return block
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_resume_gives_the_same_parameters_and_betas(backend, tmp_path, hybridize):
+    data, _, label = angle_clear_inputs(16, 6, 4, 3, seed=1)
+    straight = fresh(backend, hybridize)
+    betas_straight, _ = train(straight, data, label, 6)
+    first = fresh(backend, hybridize)
+    betas_first, _ = train(first, data, label, 3)
+    first.save_parameters(str(tmp_path / "head.params"))
+    resumed = fresh(backend, hybridize)
+    resumed.load_parameters(str(tmp_path / "head.params"))
+    betas_second, _ = train(resumed, data, label, 3)
+    assert betas_first + betas_second == betas_straight
+    np.testing.assert_allclose(resumed.weight.data().asnumpy(), straight.weight.data().asnumpy(), rtol=1e-6, atol=1e-7)
+    assert resumed.step.data().asscalar() == 6
+
+
+def test_export_reloads_without_mx_lsoftmax(backend, tmp_path):
+    data, _, label = angle_clear_inputs(8, 6, 4, 3, seed=2)
+    block = fresh(backend)
+    train(block, data, label, 2)
+    symbol_file, params_file = block.export(str(tmp_path / "head"))
+    live = block(nd(data, "float32")).asnumpy()
+    np.save(tmp_path / "data.npy", data.astype("float32"))
+    code = f"""
+import sys, numpy as np, mxnet as mx
+assert 'mx_lsoftmax' not in sys.modules
+net = mx.gluon.SymbolBlock.imports({symbol_file!r}, ['data'], {params_file!r})
+x = mx.nd.array(np.load({str(tmp_path / 'data.npy')!r}))
+np.save({str(tmp_path / 'gluon.npy')!r}, net(x).asnumpy())
+sym, args, aux = mx.model.load_checkpoint({str(tmp_path / 'head')!r}, 0)
+module = mx.mod.Module(sym, data_names=['data'], label_names=None)
+module.bind(data_shapes=[('data', x.shape)], for_training=False)
+module.set_params(args, aux)
+module.forward(mx.io.DataBatch([x]), is_train=False)
+np.save({str(tmp_path / 'module.npy')!r}, module.get_outputs()[0].asnumpy())
+assert 'mx_lsoftmax' not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "gluon.npy"), live, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "module.npy"), live, rtol=1e-6, atol=1e-6)
+
+
+def test_two_devices_match_one_device_gluon(backend):
+    data, _, label = angle_clear_inputs(16, 6, 4, 3, seed=3)
+    single = fresh(backend)
+    betas_single, _ = train(single, data, label, 5)
+    contexts = (mx.cpu(0), mx.cpu(1))
+    double = fresh(backend, contexts=contexts)
+    betas_double, _ = train(double, data, label, 5, contexts=contexts)
+    for per_step, expected in zip(betas_double, betas_single):
+        assert per_step == [expected[0]] * 2  # every device used the same beta at every step
+    for context in contexts:
+        np.testing.assert_allclose(double.weight.data(context).asnumpy(), single.weight.data().asnumpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def module_fit(backend, contexts, data, label, epochs=2, batch=32):
+    label_variable = mx.sym.var("softmax_label")  # one node, used by both the layer and the loss
+    symbol = mx_lsoftmax.lsoftmax(mx.sym.var("data"), mx.sym.var("fc_weight"), label_variable,
+                                  10, backend=backend, name="head", **SCHEDULE)
+    symbol = mx.sym.SoftmaxOutput(symbol, label_variable, name="softmax")
+    iterator = mx.io.NDArrayIter(data, label, batch_size=batch, shuffle=False)
+    module = mx.mod.Module(symbol, context=list(contexts))
+    module.fit(iterator, num_epoch=epochs, optimizer="sgd", optimizer_params={"learning_rate": 0.05},
+               arg_params={"fc_weight": mx.nd.array(np.random.default_rng(5).standard_normal((10, data.shape[1])) * 0.1)},
+               initializer=mx.init.Xavier(), eval_metric="ce")
+    mx.nd.waitall()
+    arg_params, aux_params = module.get_params()
+    inference = mx.sym.SoftmaxOutput(mx_lsoftmax.inference_symbol(mx.sym.var("data"), mx.sym.var("fc_weight"), 10,
+                                                                  name="head"), name="softmax")
+    scorer = mx.mod.Module(inference, context=mx.cpu())
+    scorer.bind(data_shapes=iterator.provide_data, label_shapes=iterator.provide_label, for_training=False)
+    scorer.set_params(arg_params, aux_params, allow_extra=True)
+    accuracy = dict(scorer.score(iterator, "acc"))["accuracy"]
+    return arg_params["fc_weight"].asnumpy(), aux_params["head_step"].asscalar(), accuracy
+
+
+def mnist_batch(count=256):
+    from mx_lsoftmax.data import load_mnist, resolve_directory
+    if resolve_directory(None) is None:
+        pytest.skip("real MNIST not found (set MNIST_DIR)")
+    images, labels = load_mnist(download=False)["train"]
+    features = (images[:count].reshape(count, -1).astype(np.float32) - 128) / 128
+    return features, labels[:count].astype(np.float32)
+
+
+def test_module_fit_backends_agree_on_mnist():
+    data, label = mnist_batch()
+    results = {backend: module_fit(backend, [mx.cpu()], data, label)
+               for backend in ("python", "compiled") if backend == "python" or mx_lsoftmax.library.is_loaded()}
+    for weight, step, accuracy in results.values():
+        assert step == 16  # 2 epochs of 8 batches
+        assert accuracy > 0.5
+    if len(results) == 2:
+        np.testing.assert_allclose(results["python"][0], results["compiled"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_module_two_devices_match_one(backend):
+    data, label = mnist_batch(128)
+    single = module_fit(backend, [mx.cpu()], data, label, epochs=1)
+    double = module_fit(backend, [mx.cpu(0), mx.cpu(1)], data, label, epochs=1)
+    assert single[1] == double[1] == 4
+    np.testing.assert_allclose(double[0], single[0], rtol=1e-4, atol=1e-5)
