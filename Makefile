@@ -24,6 +24,10 @@ MXNET_INCLUDE  = $(shell $(PYTHON) -c "import mxnet.libinfo as l; print(l.find_i
 MXNET_LIB_API  = $(abspath $(MXNET_INCLUDE)/../src/lib_api.cc)
 CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -Wall -Wno-unused-function
 
+# The project's MNIST copy when this checkout sits beside ../shared (as in CI).
+MNIST_DIR     ?= $(abspath $(wildcard ../shared/data/mnist))
+export MNIST_DIR
+
 .PHONY: all cuda install test demo bench clean
 
 all: $(LIBRARY)
