@@ -25,6 +25,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mxnet/lib_api.h"
@@ -234,19 +235,30 @@ bool check_labels_typed(const L* labels, int64_t rows, int64_t classes,
   return true;
 }
 
-bool read_labels(MXTensor& label, int64_t classes, std::vector<int64_t>* indices) {
-  const int64_t rows = label.shape[0];
-  switch (label.dtype) {
-    case kFloat32: return check_labels_typed(label.data<float>(), rows, classes, indices);
-    case kFloat64: return check_labels_typed(label.data<double>(), rows, classes, indices);
-    case kInt32: return check_labels_typed(label.data<int32_t>(), rows, classes, indices);
-    case kInt64: return check_labels_typed(label.data<int64_t>(), rows, classes, indices);
-    case kUint8: return check_labels_typed(label.data<uint8_t>(), rows, classes, indices);
-    case kInt8: return check_labels_typed(label.data<int8_t>(), rows, classes, indices);
+// The one place that maps a label dtype code to a C++ type: `visit` is called
+// with a null pointer of the label's element type. Labels may be any real or
+// integer type MXNet users pass (float labels are common with NDArrayIter).
+template <typename Visitor>
+MXReturnValue with_label_type(int dtype, Visitor visit) {
+  switch (dtype) {
+    case kFloat32: return visit(static_cast<float*>(nullptr));
+    case kFloat64: return visit(static_cast<double*>(nullptr));
+    case kInt32: return visit(static_cast<int32_t*>(nullptr));
+    case kInt64: return visit(static_cast<int64_t*>(nullptr));
+    case kUint8: return visit(static_cast<uint8_t*>(nullptr));
+    case kInt8: return visit(static_cast<int8_t*>(nullptr));
     default:
-      LSOFTMAX_ERROR << "lsoftmax_target: input label has unsupported dtype code " << label.dtype;
-      return false;
+      LSOFTMAX_ERROR << "lsoftmax_target: input label has unsupported dtype code " << dtype;
+      return MX_FAIL;
   }
+}
+
+MXReturnValue read_labels(MXTensor& label, int64_t classes, std::vector<int64_t>* indices) {
+  return with_label_type(label.dtype, [&](auto* tag) {
+    using L = std::remove_pointer_t<decltype(tag)>;
+    return check_labels_typed(label.data<L>(), label.shape[0], classes, indices) ? MX_SUCCESS
+                                                                               : MX_FAIL;
+  });
 }
 
 // MXNet 1.9.1 does not pool CPU memory: every imperative call gets fresh
@@ -369,37 +381,6 @@ MXReturnValue backward_gpu_typed(const Params& p, std::vector<MXTensor>* inputs,
   return report_gpu(result, s.classes);
 }
 
-template <typename T, template <typename, typename> class Launch>
-MXReturnValue dispatch_label(int label_dtype, const Params& p, std::vector<MXTensor>* inputs,
-                             std::vector<MXTensor>* outputs, const OpResource& resource) {
-  switch (label_dtype) {
-    case kFloat32: return Launch<T, float>::run(p, inputs, outputs, resource);
-    case kFloat64: return Launch<T, double>::run(p, inputs, outputs, resource);
-    case kInt32: return Launch<T, int32_t>::run(p, inputs, outputs, resource);
-    case kInt64: return Launch<T, int64_t>::run(p, inputs, outputs, resource);
-    case kUint8: return Launch<T, uint8_t>::run(p, inputs, outputs, resource);
-    case kInt8: return Launch<T, int8_t>::run(p, inputs, outputs, resource);
-    default:
-      LSOFTMAX_ERROR << "lsoftmax_target: input label has unsupported dtype code " << label_dtype;
-      return MX_FAIL;
-  }
-}
-
-template <typename T, typename L>
-struct ForwardGpu {
-  static MXReturnValue run(const Params& p, std::vector<MXTensor>* inputs,
-                           std::vector<MXTensor>* outputs, const OpResource& resource) {
-    return forward_gpu_typed<T, L>(p, inputs, outputs, resource);
-  }
-};
-
-template <typename T, typename L>
-struct BackwardGpu {
-  static MXReturnValue run(const Params& p, std::vector<MXTensor>* inputs,
-                           std::vector<MXTensor>* outputs, const OpResource& resource) {
-    return backward_gpu_typed<T, L>(p, inputs, outputs, resource);
-  }
-};
 #endif  // LSOFTMAX_WITH_CUDA
 
 MXReturnValue forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
@@ -423,28 +404,42 @@ MXReturnValue backward_cpu(const std::unordered_map<std::string, std::string>& a
 }
 
 #if defined(LSOFTMAX_WITH_CUDA)
+// Forward and backward differ only in where logits and label sit among the
+// inputs and in the typed launcher `typed(value_tag, label_tag, params)`.
+template <typename Typed>
+MXReturnValue gpu_entry(const std::unordered_map<std::string, std::string>& attrs,
+                        std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                        const OpResource& resource, int logits_index, int label_index,
+                        Typed typed) {
+  Params p;
+  if (!parse_params(attrs, &p)) return MX_FAIL;
+  const bool is_double = (*inputs)[logits_index].dtype == kFloat64;
+  return with_label_type((*inputs)[label_index].dtype, [&](auto* label_tag) {
+    return is_double ? typed(static_cast<double*>(nullptr), label_tag, p)
+                     : typed(static_cast<float*>(nullptr), label_tag, p);
+  });
+}
+
 MXReturnValue forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                           const OpResource& resource) {
-  Params p;
-  if (!parse_params(attrs, &p)) return MX_FAIL;
-  const int label_dtype = (*inputs)[kLabel].dtype;
-  if ((*inputs)[kLogits].dtype == kFloat64) {
-    return dispatch_label<double, ForwardGpu>(label_dtype, p, inputs, outputs, resource);
-  }
-  return dispatch_label<float, ForwardGpu>(label_dtype, p, inputs, outputs, resource);
+  return gpu_entry(attrs, inputs, outputs, resource, kLogits, kLabel,
+                   [&](auto* value_tag, auto* label_tag, const Params& p) {
+                     using T = std::remove_pointer_t<decltype(value_tag)>;
+                     using L = std::remove_pointer_t<decltype(label_tag)>;
+                     return forward_gpu_typed<T, L>(p, inputs, outputs, resource);
+                   });
 }
 
 MXReturnValue backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
                            std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                            const OpResource& resource) {
-  Params p;
-  if (!parse_params(attrs, &p)) return MX_FAIL;
-  const int label_dtype = (*inputs)[kBackwardLabel].dtype;
-  if ((*inputs)[kBackwardLogits].dtype == kFloat64) {
-    return dispatch_label<double, BackwardGpu>(label_dtype, p, inputs, outputs, resource);
-  }
-  return dispatch_label<float, BackwardGpu>(label_dtype, p, inputs, outputs, resource);
+  return gpu_entry(attrs, inputs, outputs, resource, kBackwardLogits, kBackwardLabel,
+                   [&](auto* value_tag, auto* label_tag, const Params& p) {
+                     using T = std::remove_pointer_t<decltype(value_tag)>;
+                     using L = std::remove_pointer_t<decltype(label_tag)>;
+                     return backward_gpu_typed<T, L>(p, inputs, outputs, resource);
+                   });
 }
 #endif  // LSOFTMAX_WITH_CUDA
 
