@@ -26,7 +26,8 @@ __all__ = ["LSoftmaxOp", "LSoftmaxProp", "target_column", "check_labels"]
 
 
 def check_labels(label, num_classes):
-    """Raise ValueError naming the first label that is not an integer in [0, C)."""
+    """Return the labels as a host int64 array; raise ValueError naming the first
+    label that is not an integer in [0, C)."""
     values = label.asnumpy()
     bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= num_classes)
     if bad.any():
@@ -34,6 +35,7 @@ def check_labels(label, num_classes):
         raise ValueError(
             f"L-Softmax input label must hold integer class indices in [0, {num_classes}), "
             f"got label[{index}] = {values[index]!r}")
+    return values.astype(np.int64)
 
 
 def _chebyshev(c, margin):
@@ -86,9 +88,10 @@ class LSoftmaxOp(mx.operator.CustomOp):
         super().__init__()
         self.params = params
         self.num_classes = num_classes
-        # The beta of this instance's last training forward: MXNet runs a
-        # forward and its backward on the same instance in every mode.
-        self.beta_used = None
+        # What the last training forward computed and its backward reuses
+        # (None after an inference forward): MXNet runs a forward and its
+        # backward on the same instance in every mode.
+        self.saved = None
 
     def forward(self, is_train, req, in_data, out_data, aux):
         data, weight, label = in_data
@@ -96,23 +99,22 @@ class LSoftmaxOp(mx.operator.CustomOp):
         # copy costs as much as the whole target-column step.
         logits = out_data[0] if req[0] == "write" else mx.nd.empty(out_data[0].shape, data.context, data.dtype)
         mx.nd.FullyConnected(data, weight, no_bias=True, num_hidden=self.num_classes, out=logits)
+        self.saved = None
         if is_train:
-            check_labels(label, self.num_classes)
+            host_labels = check_labels(label, self.num_classes)
             step = aux[0]
             t = float(step.asscalar())
             beta = self.params.beta_at(t)
             label_index = label.astype("int64")
             rows = mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context)
-            z, norm_x, norm_w, _ = _target_quantities(data, weight, label_index)
-            o, _, _, _ = target_column(z, norm_x, norm_w, beta, self.params.margin)
+            z, norm_x, norm_w, w_y = _target_quantities(data, weight, label_index)
+            o, d_z, d_norm_x, d_norm_w = target_column(z, norm_x, norm_w, beta, self.params.margin)
             logits[rows, label_index] = o
             step[:] = t + 1
             # MXNet waits for the outputs of a CustomOp, not for its auxiliary
             # states: without this wait the executor could read a stale step.
             step.wait_to_read()
-            self.beta_used = beta
-        else:
-            self.beta_used = None
+            self.saved = (host_labels, label_index, norm_x, norm_w, w_y, d_z, d_norm_x, d_norm_w)
         if req[0] != "write":
             self.assign(out_data[0], req[0], logits)
 
@@ -131,10 +133,8 @@ class LSoftmaxOp(mx.operator.CustomOp):
         grad_weight = in_grad[1] if req[1] == "write" else mx.nd.empty(weight.shape, data.context, data.dtype)
         mx.nd.dot(grad_output, weight, out=grad_data)
         mx.nd.dot(grad_output, data, transpose_a=True, out=grad_weight)
-        if self.beta_used is not None:
-            label_index = label.astype("int64")
-            z, norm_x, norm_w, w_y = _target_quantities(data, weight, label_index)
-            _, d_z, d_norm_x, d_norm_w = target_column(z, norm_x, norm_w, self.beta_used, self.params.margin)
+        if self.saved is not None:
+            host_labels, label_index, norm_x, norm_w, w_y, d_z, d_norm_x, d_norm_w = self.saved
             g_target = mx.nd.pick(grad_output, label_index, axis=1)
             ones = mx.nd.ones_like(norm_x)
             through_z = (g_target * (d_z - 1)).expand_dims(1)
@@ -145,7 +145,7 @@ class LSoftmaxOp(mx.operator.CustomOp):
             # Rows of W that are targets of several samples collect every
             # sample's update: sum them per distinct class (an N x U one-hot
             # product), then add once per class, so no index repeats.
-            classes, position = np.unique(label.asnumpy().astype(np.int64), return_inverse=True)
+            classes, position = np.unique(host_labels, return_inverse=True)
             class_index = mx.nd.array(classes, ctx=data.context, dtype="int64")
             membership = mx.nd.one_hot(mx.nd.array(position, ctx=data.context), len(classes), dtype=data.dtype)
             per_class = mx.nd.dot(membership, row_updates, transpose_a=True)
