@@ -5,6 +5,7 @@
 #   make test      all of the above that is out of date, then pytest
 #   make demo      train the 2-D LeNet on MNIST with margin 4 and draw its features
 #   make bench     benchmark every backend against FullyConnected
+#   make results   the MNIST comparisons of docs/results.md (hours; reuses finished runs)
 
 PYTHON_SYSTEM ?= python3
 VENV          ?= .venv
@@ -28,7 +29,7 @@ CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -Wall -Wno-unused-functio
 MNIST_DIR     ?= $(abspath $(wildcard ../shared/data/mnist))
 export MNIST_DIR
 
-.PHONY: all cuda install test demo bench clean
+.PHONY: all cuda install test demo bench results clean
 
 all: $(LIBRARY)
 
@@ -69,6 +70,9 @@ demo: install
 
 bench: install
 	$(PYTHON) examples/benchmark.py --write docs/benchmarks.md
+
+results: install
+	$(PYTHON) examples/mnist_results.py --epochs 20 --seeds 0 1 --figure-epochs 5 --reuse
 
 clean:
 	rm -rf $(BUILD_DIR) mx_lsoftmax/lib *.egg-info .pytest_cache

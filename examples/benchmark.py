@@ -3,12 +3,18 @@
 
 Every shape runs the plain layer and each backend in one process, alternating
 call by call, and reports the median of repeated rounds and its ratio to the
-plain layer measured in the same rounds. Two settings:
+plain layer measured in the same rounds. Three settings:
 
-  bound       a graph bound once (simple_bind), as Module and hybridized Gluon
-              with static memory train: buffers are reused across steps;
+  bound       a graph bound once (simple_bind), as Module trains: buffers are
+              reused across steps;
+  hybridized  a Gluon block after hybridize(static_alloc=True, static_shape=True);
   imperative  autograd on NDArrays: MXNet 1.9.1 allocates fresh CPU memory for
               every call, so first-touch page faults are part of the cost.
+
+Besides the layer table: LeNet training samples/s per backend (the example's
+--json, batch 128 and 256; needs MNIST), and a GPU section timing the CUDA
+kernels against cuBLAS products through mx_lsoftmax.cuda_harness (needs CuPy,
+a GPU and `make cuda`; otherwise the section says what was missing).
 
 Example: python examples/benchmark.py --write docs/benchmarks.md
 """
@@ -28,6 +34,11 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd  # noqa: E402
 
 import mx_lsoftmax  # noqa: E402
+from mx_lsoftmax.cuda_harness import HarnessUnavailable, KernelHarness  # noqa: E402
+from mx_lsoftmax.data import resolve_directory  # noqa: E402
+
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(EXAMPLES)
 
 SHAPES = [(128, 2, 10), (256, 256, 10), (256, 512, 1000), (256, 512, 10000), (256, 512, 100000)]
 
@@ -79,13 +90,38 @@ def imperative_runner(backend, rows, dims, classes, dtype, arrays, settings):
     return run
 
 
+def hybridized_runner(backend, rows, dims, classes, dtype, arrays, settings):
+    """A Gluon block hybridized with static memory, as `block.hybridize(static_alloc=True, static_shape=True)`."""
+    from mxnet import gluon
+    from mx_lsoftmax.gluon import LSoftmaxDense
+    if backend == "softmax":
+        block = gluon.nn.Dense(classes, use_bias=False, in_units=dims, dtype=dtype)
+    else:
+        block = LSoftmaxDense(classes, in_units=dims, backend=backend, dtype=dtype, **settings)
+    block.initialize()
+    block.weight.set_data(mx.nd.array(arrays["weight"], dtype=dtype))
+    block.hybridize(static_alloc=True, static_shape=True)
+    data, label = mx.nd.array(arrays["data"], dtype=dtype), mx.nd.array(arrays["label"], dtype=dtype)
+    data.attach_grad()
+
+    def run():
+        with autograd.record():
+            out = block(data) if backend == "softmax" else block(data, label)
+        out.backward()
+        mx.nd.waitall()
+    return run
+
+
+RUNNERS = {"bound": bound_runner, "imperative": imperative_runner, "hybridized": hybridized_runner}
+
+
 def measure(shape, dtype, mode, backends, rounds, settings):
     rows, dims, classes = shape
     rng = np.random.default_rng(0)
     arrays = {"data": rng.standard_normal((rows, dims)).astype(dtype),
               "weight": rng.standard_normal((classes, dims)).astype(dtype),
               "label": rng.integers(0, classes, rows).astype(dtype)}
-    make = bound_runner if mode == "bound" else imperative_runner
+    make = RUNNERS[mode]
     runners = {name: make(name, rows, dims, classes, dtype, arrays, settings)
                for name in ["softmax"] + backends}
     for run in runners.values():  # warm-up: allocation, oneDNN primitives
@@ -114,63 +150,198 @@ def table(results, backends):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def lenet_throughput(batch_sizes=(128, 256), backends=("softmax", "python", "compiled"), images=12800,
+                     output_directory=None):
+    """LeNet (256-wide embedding, m = 4, beta 1) training samples/s per backend and batch size.
+
+    Each run is the example itself (examples/train_mnist.py, two epochs of ``images``
+    images, the second timed: the first pays for graph building and oneDNN
+    primitives), read back from its --json. Returns rows of
+    {batch, backend: samples/s, ...}, or raises LookupError when MNIST is missing.
+    """
+    if resolve_directory(None) is None:
+        raise LookupError("real MNIST not found (set MNIST_DIR, see ../shared/data/mnist)")
+    sys.path.insert(0, EXAMPLES)
+    import train_mnist
+    output_directory = output_directory or os.path.join(ROOT, "build", "results")
+    rows = []
+    for batch in batch_sizes:
+        row = {"batch": batch}
+        for backend in backends:
+            extra = ["--backend", backend, "--batch-size", str(batch), "--epochs", "2",
+                     "--train-limit", str(images), "--lr-steps", "--no-progress"]
+            if backend != "softmax":
+                extra += ["--margin", "4", "--beta", "1"]
+            path = os.path.join(output_directory, f"speed_{backend}_{batch}.json")
+            train_mnist.main(extra + ["--json", path])
+            with open(path) as handle:
+                row[backend] = json.load(handle)["epochs"][-1]["samples_per_sec"]
+        rows.append(row)
+    return rows
+
+
+def lenet_table(rows, backends=("softmax", "python", "compiled")):
+    others = [name for name in backends if name != "softmax"]
+    lines = ["| batch | softmax samples/s | " + " | ".join(f"{name} samples/s (ratio)" for name in others) + " |",
+             "|" + "---|" * (2 + len(others))]
+    for row in rows:
+        cells = " | ".join(f"{row[name]:.0f} ({row[name] / row['softmax']:.2f}x)" for name in others)
+        lines.append(f"| {row['batch']} | {row['softmax']:.0f} | {cells} |")
+    return "\n".join(lines)
+
+
+def gpu_measure(harness, shape, dtype, rounds, settings):
+    """Median ms of forward+backward: three cuBLAS products alone vs the layer (products + kernels)."""
+    cupy = harness.cupy
+    rows, dims, classes = shape
+    generator = cupy.random.default_rng(0)
+    x = generator.standard_normal((rows, dims), dtype=dtype)
+    w = generator.standard_normal((classes, dims), dtype=dtype)
+    label = generator.integers(0, classes, rows).astype(cupy.int64)
+    grad = cupy.ones((rows, classes), dtype=dtype)
+    step = cupy.zeros((1,), dtype=dtype)
+
+    def plain():
+        logits = x @ w.T
+        return logits, grad @ w, grad.T @ x
+
+    def layer():
+        status, logits, _, beta_used = harness.forward(x, w, label, step, **settings)
+        status_back, grad_data, grad_weight = harness.backward(grad, logits, x, w, label, beta_used,
+                                                               settings["margin"])
+        if status != -1 or status_back != -1:
+            raise RuntimeError(f"CUDA kernels failed: status {status}, {status_back}")
+        return grad_data, grad_weight
+
+    times = {"plain": [], "layer": []}
+    for run in (plain, layer, plain, layer):  # warm-up: cuBLAS handles, kernel loading
+        run()
+    cupy.cuda.Device().synchronize()
+    for _ in range(rounds):
+        for name, run in (("plain", plain), ("layer", layer)):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            run()
+            stop.record()
+            stop.synchronize()
+            times[name].append(cupy.cuda.get_elapsed_time(start, stop))
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    return {"shape": list(shape), "dtype": dtype, "ms": medians, "ratio": medians["layer"] / medians["plain"]}
+
+
+def gpu_section(shapes, dtypes, rounds, settings):
+    """(markdown, results): the GPU table, or a line saying why there is none."""
+    try:
+        harness = KernelHarness()
+    except HarnessUnavailable as reason:
+        return f"Not measured on this machine: {reason}.", []
+    results = []
+    for shape in shapes:
+        for dtype in dtypes:
+            results.append(gpu_measure(harness, shape, dtype, rounds, settings))
+    lines = [f"Device: {harness.device_name()}. Forward+backward, CUDA events, median of {rounds} "
+             "alternating rounds; plain = the three cuBLAS products of a FullyConnected layer "
+             "(x W^T, G W, G^T x), layer = the same products plus the lsoftmax_target kernels "
+             "(logits copy, target column, label check, step advance).", "",
+             "| N x D x C | dtype | cuBLAS products ms | L-Softmax ms (ratio) |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['ms']['plain']:.3f} | "
+                     f"{r['ms']['layer']:.3f} ({r['ratio']:.3f}x) |")
+    return "\n".join(lines), results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--parts", nargs="*", default=["layer", "lenet", "gpu"],
+                        choices=["layer", "lenet", "gpu"], help="which sections to measure")
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="NxDxC shapes (default: the five of docs/benchmarks.md)")
     parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
-    parser.add_argument("--modes", nargs="*", default=["bound", "imperative"])
+    parser.add_argument("--modes", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
     parser.add_argument("--backends", nargs="*", default=None, help="default: python, and compiled when built")
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per shape (median)")
     parser.add_argument("--margin", type=int, default=4)
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--max-weight-mb", type=float, default=1024,
                         help="skip shapes whose weight exceeds this (memory)")
-    parser.add_argument("--write", metavar="MARKDOWN", help="write the results section to this file")
+    parser.add_argument("--lenet-images", type=int, default=12800,
+                        help="training images per epoch of the LeNet runs (two epochs, the second timed)")
+    parser.add_argument("--write", metavar="MARKDOWN", help="write the results to this file")
     parser.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
 
     shapes = ([tuple(int(v) for v in s.split("x")) for s in arguments.shapes]
               if arguments.shapes else SHAPES)
     backends = arguments.backends or (["python", "compiled"] if mx_lsoftmax.library.is_loaded() else ["python"])
     settings = dict(margin=arguments.margin, beta=arguments.beta)
-    results = []
-    for shape in shapes:
-        for dtype in arguments.dtypes:
-            weight_mb = shape[1] * shape[2] * np.dtype(dtype).itemsize / 2 ** 20
-            if weight_mb > arguments.max_weight_mb:
-                print(f"skip {shape} {dtype}: weight {weight_mb:.0f} MB > --max-weight-mb", flush=True)
-                continue
-            rounds = max(3, arguments.rounds // 3) if shape[2] >= 100000 else arguments.rounds
-            for mode in arguments.modes:
-                result = measure(shape, dtype, mode, backends, rounds, settings)
-                results.append(result)
-                print(f"{'x'.join(map(str, shape))} {dtype} {mode}: " + ", ".join(
-                    f"{name} {result['ms'][name]:.2f} ms" for name in ["softmax"] + backends) + " | " +
-                    ", ".join(f"{name} {result['ratio'][name]:.3f}x" for name in backends), flush=True)
-    text = table(results, backends)
-    print(text)
-    command = "python examples/benchmark.py " + " ".join(sys.argv[1:])
-    if arguments.json:
-        with open(arguments.json, "w") as handle:
-            json.dump({"command": command, "results": results}, handle, indent=1)
-    if arguments.write:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, MXNet {mx.__version__}, Python {platform.python_version()}"
-        with open(arguments.write, "w") as handle:
-            handle.write(f"""# Benchmarks
+    command = "python examples/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    sections, raw = [], {"command": command}
+
+    if "layer" in arguments.parts:
+        results = []
+        for shape in shapes:
+            for dtype in arguments.dtypes:
+                weight_mb = shape[1] * shape[2] * np.dtype(dtype).itemsize / 2 ** 20
+                if weight_mb > arguments.max_weight_mb:
+                    print(f"skip {shape} {dtype}: weight {weight_mb:.0f} MB > --max-weight-mb", flush=True)
+                    continue
+                rounds = max(3, arguments.rounds // 3) if shape[2] >= 100000 else arguments.rounds
+                for mode in arguments.modes:
+                    result = measure(shape, dtype, mode, backends, rounds, settings)
+                    results.append(result)
+                    print(f"{'x'.join(map(str, shape))} {dtype} {mode}: " + ", ".join(
+                        f"{name} {result['ms'][name]:.2f} ms" for name in ["softmax"] + backends) + " | " +
+                        ", ".join(f"{name} {result['ratio'][name]:.3f}x" for name in backends), flush=True)
+        raw["results"] = results
+        sections.append(f"""## The layer against FullyConnected
 
 Forward+backward of the L-Softmax layer (margin {arguments.margin}, beta {arguments.beta}) against
 MXNet's FullyConnected (no bias) on the same shapes, in one process, alternating call by call;
 median of {arguments.rounds} rounds (a third of that, at least 3, for C = 100000). Ratio = backend / FullyConnected
-in the same rounds. `bound` is a graph bound once (as Module and hybridized Gluon run);
-`imperative` is autograd on NDArrays, where MXNet 1.9.1 allocates fresh CPU memory on every call.
+in the same rounds. Data and weight gradients are computed in every mode. `bound` is a graph bound
+once (`simple_bind`, as Module trains); `hybridized` is a Gluon block (`nn.Dense` against
+`LSoftmaxDense`) after `hybridize(static_alloc=True, static_shape=True)`; `imperative` is autograd on
+NDArrays, where MXNet 1.9.1 allocates fresh CPU memory on every call, as it also does for a block
+hybridized without static memory (see [performance.md](performance.md)).
 
-- Machine: {machine}
-- Date: {datetime.date.today().isoformat()}
-- Command: `{command}`
+{table(results, backends)}
+""")
+
+    if "lenet" in arguments.parts:
+        lenet_backends = ["softmax"] + backends
+        try:
+            rows = lenet_throughput(backends=lenet_backends, images=arguments.lenet_images)
+            raw["lenet"] = rows
+            text = lenet_table(rows, lenet_backends)
+        except LookupError as reason:
+            text = f"Not measured: {reason}."
+        sections.append(f"""## LeNet training throughput
+
+LeNet with a 256-wide embedding on real MNIST, m = 4, beta 1, SGD: samples/s over the second of two
+epochs of {arguments.lenet_images} images (the first pays for graph building), read from
+`examples/train_mnist.py --json` (`epochs[-1].samples_per_sec`), one run per cell.
 
 {text}
 """)
+
+    if "gpu" in arguments.parts:
+        text, results = gpu_section(shapes, arguments.dtypes, arguments.rounds, settings)
+        raw["gpu"] = results
+        sections.append(f"## GPU: the CUDA kernels against cuBLAS\n\n{text}\n")
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, MXNet {mx.__version__}, "
+               f"Python {platform.python_version()}")
+    document = (f"# Benchmarks\n\n- Machine: {machine}\n- Date: {datetime.date.today().isoformat()}\n"
+                f"- Command: `{command}`\n\n" + "\n".join(sections))
+    print(document)
+    if arguments.json:
+        with open(arguments.json, "w") as handle:
+            json.dump(raw, handle, indent=1)
+    if arguments.write:
+        with open(arguments.write, "w") as handle:
+            handle.write(document)
+    return raw
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--net", choices=["lenet", "paper"], default="lenet")
     parser.add_argument("--backend", choices=["softmax", "python", "compiled", "auto"], default="auto",
                         help="softmax = plain FC baseline")
-    parser.add_argument("--embed-dim", type=int, default=256, help="feature size before the head (2: the figure)")
+    parser.add_argument("--embed-dim", type=int, default=None,
+                        help="feature size before the head (2: the figure); default 256 for lenet, 512 for paper")
     parser.add_argument("--margin", type=int, default=4)
     parser.add_argument("--beta", type=float, default=100.0)
     parser.add_argument("--beta-min", type=float, default=0.0)
@@ -144,7 +145,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--save", metavar="PREFIX", help="save parameters and trainer state after each epoch")
     parser.add_argument("--resume", metavar="PREFIX", help="resume from a --save prefix")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if arguments.embed_dim is None:
+        arguments.embed_dim = 512 if arguments.net == "paper" else 256
+    return arguments
 
 
 def main(argv=None):

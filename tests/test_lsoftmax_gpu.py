@@ -4,7 +4,6 @@ Kernel level (CuPy + the library's extern "C" entry points): runs wherever a
 GPU, CuPy and `make cuda` are present, no GPU build of MXNet needed. MXNet
 level: runs with a GPU build of MXNet. Everything else skips, saying why.
 """
-import ctypes
 import math
 import os
 
@@ -15,69 +14,32 @@ from mxnet import autograd
 
 import mx_lsoftmax
 from mx_lsoftmax import spec
+from mx_lsoftmax.cuda_harness import SUCCESS, HarnessUnavailable, KernelHarness
 
 from conftest import BETAS, MARGINS, TOLERANCE, angle_clear_inputs, nd
-
-CUDA_LIBRARY = os.path.join(os.path.dirname(mx_lsoftmax.__file__), "lib", "liblsoftmax_cuda.so")
-SUCCESS = -1
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA GPU")
-    except cupy.cuda.runtime.CUDARuntimeError as error:
-        pytest.skip(f"no usable CUDA GPU ({error})")
-    if not os.path.exists(CUDA_LIBRARY):
-        pytest.fail(f"a GPU is present but {CUDA_LIBRARY} is not built: run `make cuda`")
-    return cupy
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    cupy = _cupy()
-    library = ctypes.CDLL(CUDA_LIBRARY)
-    pointer, int64, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    for suffix in ("float32", "float64"):
-        forward = getattr(library, f"lsoftmax_forward_{suffix}")
-        forward.argtypes = [pointer] * 7 + [int64] * 3 + [ctypes.c_int] + [real] * 5 + [pointer] * 2
-        forward.restype = ctypes.c_int
-        backward = getattr(library, f"lsoftmax_backward_{suffix}")
-        backward.argtypes = [pointer] * 9 + [int64] * 3 + [ctypes.c_int] + [pointer] * 2
-        backward.restype = ctypes.c_int
-    return cupy, library
+    try:
+        return KernelHarness()
+    except HarnessUnavailable as reason:
+        if reason.gpu_present:  # a GPU without the library is a broken set-up, not a skip
+            pytest.fail(f"a GPU is present but {reason}")
+        pytest.skip(str(reason))
 
 
 def run_kernels(kernels, data, weight, label, margin, grad, dtype, step=0.0, **schedule):
-    cupy, library = kernels
-    rows, classes, dims = data.shape[0], weight.shape[0], data.shape[1]
+    cupy = kernels.cupy
     x, w = cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype)
     y = cupy.asarray(label, dtype=cupy.int64)
-    logits = x @ w.T
     step_array = cupy.full((1,), step, dtype=dtype)
-    out, beta_used = cupy.empty_like(logits), cupy.empty((1,), dtype=dtype)
-    flag = cupy.empty((1,), dtype=cupy.int32)
-    settings = dict(beta=0.0, beta_min=0.0, scale=1.0, gamma=0.0, power=1.0) | schedule
-    suffix = np.dtype(dtype).name
-    status = getattr(library, f"lsoftmax_forward_{suffix}")(
-        logits.data.ptr, x.data.ptr, w.data.ptr, y.data.ptr, step_array.data.ptr, out.data.ptr,
-        beta_used.data.ptr, rows, classes, dims, margin, *settings.values(), flag.data.ptr, None)
+    status, logits, out, beta_used = kernels.forward(x, w, y, step_array, margin, **schedule)
     if status != SUCCESS:
         return status, None
-    g = cupy.asarray(grad, dtype=dtype)
-    grad_logits, grad_data, grad_weight = cupy.empty_like(logits), cupy.empty_like(x), cupy.empty_like(w)
-    status = getattr(library, f"lsoftmax_backward_{suffix}")(
-        g.data.ptr, logits.data.ptr, x.data.ptr, w.data.ptr, y.data.ptr, beta_used.data.ptr,
-        grad_logits.data.ptr, grad_data.data.ptr, grad_weight.data.ptr, rows, classes, dims,
-        margin, flag.data.ptr, None)
+    status, full_data, full_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), logits, x, w, y,
+                                                      beta_used, margin)
     assert status == SUCCESS
-    # The full layer's gradients: the product path (cuBLAS) plus the kernels' norm path.
-    full_data = grad_logits @ w + grad_data
-    full_weight = grad_logits.T @ x + grad_weight
     return status, dict(out=cupy.asnumpy(out), beta=float(beta_used[0]), step=float(step_array[0]),
                         grad_data=cupy.asnumpy(full_data), grad_weight=cupy.asnumpy(full_weight))
 

@@ -1,0 +1,83 @@
+"""The benchmark script (examples/benchmark.py): its tables and sections, on tiny shapes.
+
+Timings are never asserted (they depend on the machine); the structure, the
+ratios' arithmetic and the JSON are.
+"""
+import importlib.util
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from mx_lsoftmax import cuda_harness
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "examples", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_and_gpu_sections_on_a_tiny_shape(tmp_path):
+    benchmark = load_benchmark()
+    markdown, raw_path = tmp_path / "bench.md", tmp_path / "bench.json"
+    raw = benchmark.main(["--parts", "layer", "gpu", "--shapes", "16x8x5", "--dtypes", "float64",
+                          "--rounds", "2", "--backends", "python", "compiled",
+                          "--write", str(markdown), "--json", str(raw_path)])
+    assert json.loads(raw_path.read_text())["results"] == raw["results"]
+    modes = {result["mode"]: result for result in raw["results"]}
+    assert set(modes) == {"bound", "imperative", "hybridized"}
+    for result in modes.values():
+        assert result["shape"] == [16, 8, 5]
+        for backend in ("python", "compiled"):
+            assert result["ratio"][backend] == pytest.approx(result["ms"][backend] / result["ms"]["softmax"])
+    text = markdown.read_text()
+    for mode in ("bound", "imperative", "hybridized"):
+        assert f"| 16x8x5 | float64 | {mode} |" in text
+    assert "## GPU: the CUDA kernels against cuBLAS" in text
+    try:
+        cuda_harness.KernelHarness()
+    except cuda_harness.HarnessUnavailable as reason:
+        assert f"Not measured on this machine: {reason}." in text
+        assert raw["gpu"] == []
+    else:
+        assert "Device: " in text and raw["gpu"][0]["shape"] == [16, 8, 5]
+
+
+def test_lenet_table_ratios():
+    rows = [{"batch": 128, "softmax": 2000.0, "python": 1800.0, "compiled": 1960.0}]
+    table = load_benchmark().lenet_table(rows).splitlines()
+    assert table[0] == "| batch | softmax samples/s | python samples/s (ratio) | compiled samples/s (ratio) |"
+    assert table[2] == "| 128 | 2000 | 1800 (0.90x) | 1960 (0.98x) |"
+
+
+def test_harness_says_cupy_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(cuda_harness.HarnessUnavailable, match="CuPy is not installed") as raised:
+        cuda_harness.KernelHarness()
+    assert not raised.value.gpu_present
+
+
+def _fake_cupy(device_count):
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: device_count, CUDARuntimeError=RuntimeError)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+
+def test_harness_says_no_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(0))
+    with pytest.raises(cuda_harness.HarnessUnavailable, match="no CUDA GPU") as raised:
+        cuda_harness.KernelHarness()
+    assert not raised.value.gpu_present
+
+
+def test_harness_names_the_missing_library(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(1))
+    missing = str(tmp_path / "liblsoftmax_cuda.so")
+    with pytest.raises(cuda_harness.HarnessUnavailable, match="make cuda") as raised:
+        cuda_harness.KernelHarness(missing)
+    assert raised.value.gpu_present and missing in str(raised.value)
