@@ -1,4 +1,5 @@
 """The one place for the test matrix (backends, dtypes, margins) and the tolerances."""
+import importlib.util
 import math
 import os
 import sys
@@ -7,7 +8,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import mx_lsoftmax  # noqa: E402
 
 MARGINS = (1, 2, 3, 4, 5, 6)
@@ -60,3 +62,14 @@ def angle_clear_inputs(rows, dims, classes, margin, seed, dtype="float64", clear
 def nd(array, dtype=None):
     array = np.asarray(array)
     return mx.nd.array(array, dtype=dtype or array.dtype)
+
+
+def load_example(name):
+    """The module of examples/{name}.py (the examples are scripts, not a package)."""
+    examples = os.path.join(ROOT, "examples")
+    if examples not in sys.path:  # the examples import each other
+        sys.path.insert(0, examples)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(examples, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,9 +3,7 @@
 Timings are never asserted (they depend on the machine); the structure, the
 ratios' arithmetic and the JSON are.
 """
-import importlib.util
 import json
-import os
 import sys
 import types
 
@@ -13,18 +11,11 @@ import pytest
 
 from mx_lsoftmax import cuda_harness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "examples", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 def test_layer_and_gpu_sections_on_a_tiny_shape(tmp_path):
-    benchmark = load_benchmark()
+    benchmark = load_example("benchmark")
     markdown, raw_path = tmp_path / "bench.md", tmp_path / "bench.json"
     raw = benchmark.main(["--parts", "layer", "gpu", "--shapes", "16x8x5", "--dtypes", "float64",
                           "--rounds", "2", "--backends", "python", "compiled",
@@ -51,7 +42,7 @@ def test_layer_and_gpu_sections_on_a_tiny_shape(tmp_path):
 
 def test_lenet_table_ratios():
     rows = [{"batch": 128, "softmax": 2000.0, "python": 1800.0, "compiled": 1960.0}]
-    table = load_benchmark().lenet_table(rows).splitlines()
+    table = load_example("benchmark").lenet_table(rows).splitlines()
     assert table[0] == "| batch | softmax samples/s | python samples/s (ratio) | compiled samples/s (ratio) |"
     assert table[2] == "| 128 | 2000 | 1800 (0.90x) | 1960 (0.98x) |"
 

@@ -1,20 +1,11 @@
 """Smoke test of the example on a slice of real MNIST: it learns and writes valid --json."""
-import importlib.util
 import json
-import os
 
 import pytest
 
 from mx_lsoftmax.data import resolve_directory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_mnist", os.path.join(ROOT, "examples", "train_mnist.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.mark.parametrize("backend", ["python", "compiled", "softmax"])
@@ -26,7 +17,7 @@ def test_short_run_learns_and_writes_json(tmp_path, backend):
         if not mx_lsoftmax.library.is_loaded():
             pytest.skip("the compiled library is not built (run `make`)")
     summary_path = tmp_path / "summary.json"
-    load_example().main(["--backend", backend, "--epochs", "2", "--train-limit", "10000",
+    load_example("train_mnist").main(["--backend", backend, "--epochs", "2", "--train-limit", "10000",
                          "--test-limit", "1000", "--embed-dim", "2", "--margin", "2", "--beta", "10",
                          "--lr", "0.05", "--lr-steps", "--no-progress", "--json", str(summary_path),
                          "--plot", str(tmp_path / "features.png")])
@@ -44,7 +35,7 @@ def test_paper_net_layout_and_one_training_epoch(tmp_path):
     import mxnet as mx
     from mxnet.gluon import nn
 
-    example = load_example()
+    example = load_example("train_mnist")
     net = example.paper_net(512)
     layers = list(net._children.values())
     convolutions = [layer for layer in layers if isinstance(layer, nn.Conv2D)]
@@ -68,17 +59,8 @@ def test_paper_net_layout_and_one_training_epoch(tmp_path):
     assert summary["epochs"][0]["loss"] > 0 and summary["train_samples_per_sec"] > 0
 
 
-def load_results_script():
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    spec = importlib.util.spec_from_file_location("mnist_results", os.path.join(ROOT, "examples", "mnist_results.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_results_script_reuses_only_matching_logs(tmp_path, monkeypatch):
-    results = load_results_script()
+    results = load_example("mnist_results")
     trained = []
 
     def fake_main(argv):
