@@ -7,6 +7,8 @@ backend='compiled' FullyConnected composed with the library op ``lsoftmax_target
                    the O(N D) target-column step);
 backend='auto'     'compiled' when the library is loaded, else 'python'.
 """
+import functools
+
 import mxnet as mx
 import numpy as np
 
@@ -104,8 +106,30 @@ def lsoftmax(data, weight, label, num_hidden, margin=2, beta=0.0, beta_min=0.0, 
     if backend == "python":
         return mx.nd.Custom(data, weight, label, step, op_type="LSoftmax", num_hidden=num_classes,
                             **params.as_attrs())
-    logits = mx.nd.FullyConnected(data, weight, no_bias=True, num_hidden=num_classes)
-    return mx.nd.lsoftmax_target(logits, data, weight, label, step, **params.as_attrs())[0]
+    graph = _static_graph(num_classes, tuple(sorted(params.as_attrs().items())), data.shape,
+                          np.dtype(data.dtype).name, np.dtype(label.dtype).name, data.context)
+    return graph(data, weight, label, step)
+
+
+@functools.lru_cache(maxsize=4)
+def _static_graph(num_classes, attrs, data_shape, dtype, label_dtype, context):
+    """The compiled layer as a CachedOp with static memory, one per shape and setting.
+
+    Called op by op, FullyConnected and lsoftmax_target would get fresh buffers
+    on every call (MXNet 1.9.1 does not pool CPU memory), and the first-touch
+    page faults of the (N, C) copies and of the dense (C, D) weight gradient
+    that a lib_api op must write cost 10-30% of the layer at C = 10^4-10^5
+    (docs/performance.md). A CachedOp with static_alloc keeps its internal
+    buffers across calls, as a bound executor does; its outputs and the input
+    gradients are still fresh arrays, so nothing a caller holds is overwritten
+    (tests/test_lsoftmax_modes.py). Four entries cover a training loop's full
+    and last batches and an evaluation shape or two; each holds its buffers.
+    """
+    data, weight = mx.sym.var("data"), mx.sym.var("weight")
+    label, step = mx.sym.var("label"), mx.sym.var("step")
+    logits = mx.sym.FullyConnected(data=data, weight=weight, no_bias=True, num_hidden=num_classes)
+    graph = mx.sym.lsoftmax_target(logits, data, weight, label, step, **dict(attrs))[0]
+    return mx.nd.CachedOp(graph, flags=[("static_alloc", True), ("static_shape", True)])
 
 
 def _symbol(data, weight, label, num_classes, params, backend, step, name):

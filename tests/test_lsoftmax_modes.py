@@ -111,3 +111,34 @@ def test_module_checkpoint_carries_the_step(tmp_path):
     module.save_checkpoint(str(tmp_path / "head"), 1)
     _, _, aux = mx.model.load_checkpoint(str(tmp_path / "head"), 1)
     assert aux["head_step"].asscalar() == 3
+
+
+def test_imperative_calls_keep_their_own_outputs_and_gradients(backend):
+    """Static memory (the compiled path's cached graph) must not leak between calls: two
+    forwards in one recorded graph, then earlier results checked after later calls."""
+    margin, beta = 3, 0.5
+    data, weight, label = angle_clear_inputs(6, 4, 5, margin, seed=3)
+    other = np.random.default_rng(4).standard_normal(data.shape)
+    first, second, w = nd(data), nd(other), nd(weight)
+    for array in (first, second, w):
+        array.attach_grad()
+    head = np.random.default_rng(5).standard_normal((6, 5))
+    with autograd.record():
+        out_first = mx_lsoftmax.lsoftmax(first, w, nd(label), 5, margin=margin, beta=beta, backend=backend)
+        out_second = mx_lsoftmax.lsoftmax(second, w, nd(label), 5, margin=margin, beta=beta, backend=backend)
+        total = (out_first * nd(head)).sum() + (out_second * nd(2 * head)).sum()
+    total.backward()
+    grad_first, grad_other_weight = spec.backward(data, weight, label, margin, beta, head)
+    grad_second, grad_second_weight = spec.backward(other, weight, label, margin, beta, 2 * head)
+    kept_output, kept_grad = out_first.asnumpy().copy(), first.grad.asnumpy().copy()
+    np.testing.assert_allclose(kept_output, spec.forward(data, weight, label, margin, beta), **TOLERANCE["float64"])
+    np.testing.assert_allclose(out_second.asnumpy(), spec.forward(other, weight, label, margin, beta),
+                               **TOLERANCE["float64"])
+    np.testing.assert_allclose(kept_grad, grad_first, **TOLERANCE["float64"])
+    np.testing.assert_allclose(second.grad.asnumpy(), grad_second, **TOLERANCE["float64"])
+    np.testing.assert_allclose(w.grad.asnumpy(), grad_other_weight + grad_second_weight, **TOLERANCE["float64"])
+    with autograd.record():  # a later call on other data leaves the earlier arrays alone
+        later = mx_lsoftmax.lsoftmax(second, w, nd(label), 5, margin=margin, beta=beta, backend=backend)
+    later.backward()
+    assert np.array_equal(out_first.asnumpy(), kept_output)
+    assert np.array_equal(first.grad.asnumpy(), kept_grad)
