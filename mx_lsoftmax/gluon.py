@@ -1,12 +1,11 @@
 """Gluon block: ``LSoftmaxDense``, a drop-in for ``nn.Dense(units, use_bias=False)``."""
-import json
-import os
+import dataclasses
 
 import mxnet as mx
 from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
-from .dispatch import _check_num_classes, resolve_backend
+from .dispatch import _check_num_classes, lsoftmax, resolve_backend
 from .schedule import LSoftmaxParams
 
 __all__ = ["LSoftmaxDense"]
@@ -80,6 +79,18 @@ class LSoftmaxDense(HybridBlock):
                                         num_hidden=self._units)
         return super().forward(x, label)
 
+    def hybridize(self, active=True, static_alloc=None, static_shape=None, **kwargs):
+        """As ``HybridBlock.hybridize``, but with static memory unless told otherwise.
+
+        ``static_alloc`` and ``static_shape`` default to True here (False in
+        Gluon): MXNet 1.9.1 does not pool CPU memory, and without static
+        buffers every training call pays first-touch page faults on the (N, C)
+        and (C, D) arrays of the layer (docs/performance.md). Outputs and
+        gradients are still fresh arrays; another input shape re-plans the graph.
+        """
+        super().hybridize(active, static_alloc=True if static_alloc is None else static_alloc,
+                          static_shape=True if static_shape is None else static_shape, **kwargs)
+
     def infer_shape(self, x, label=None, *args):
         self.weight.shape = (self._units, x.shape[1])
 
@@ -87,6 +98,9 @@ class LSoftmaxDense(HybridBlock):
         if label is None:
             return F.FullyConnected(x, weight, no_bias=True, num_hidden=self._units, name="fwd")
         attrs = self.schedule.as_attrs()
+        if F is mx.nd:  # not hybridized: the entry point, which caches the compiled graph
+            return lsoftmax(x, weight, label, self._units, backend=self.backend, step=step,
+                            **dataclasses.asdict(self.schedule))
         if self.backend == "python":
             return F.Custom(x, weight, label, step, op_type="LSoftmax", num_hidden=self._units,
                             name="fwd", **attrs)

@@ -144,3 +144,11 @@ def test_module_two_devices_match_one(backend):
     double = module_fit(backend, [mx.cpu(0), mx.cpu(1)], data, label, epochs=1)
     assert single[1] == double[1] == 4
     np.testing.assert_allclose(double[0], single[0], rtol=1e-4, atol=1e-5)
+
+
+def test_hybridize_defaults_to_static_memory_and_respects_the_caller():
+    head = LSoftmaxDense(3, in_units=4, margin=2)
+    head.hybridize()
+    assert dict(head._flags)["static_alloc"] is True and dict(head._flags)["static_shape"] is True
+    head.hybridize(static_alloc=False, static_shape=False)
+    assert dict(head._flags)["static_alloc"] is False and dict(head._flags)["static_shape"] is False
