@@ -41,10 +41,12 @@ def test_layer_and_gpu_sections_on_a_tiny_shape(tmp_path):
 
 
 def test_lenet_table_ratios():
-    rows = [{"batch": 128, "softmax": 2000.0, "python": 1800.0, "compiled": 1960.0}]
+    rows = [{"batch": 128, "softmax": 2000.0, "python": 1800.0, "compiled": 1960.0,
+             "softmax_test_accuracy": 0.97, "python_test_accuracy": 0.9612, "compiled_test_accuracy": 0.958}]
     table = load_example("benchmark").lenet_table(rows).splitlines()
-    assert table[0] == "| batch | softmax samples/s | python samples/s (ratio) | compiled samples/s (ratio) |"
-    assert table[2] == "| 128 | 2000 | 1800 (0.90x) | 1960 (0.98x) |"
+    assert table[0] == ("| batch | softmax samples/s | python samples/s (ratio) | compiled samples/s (ratio) "
+                        "| test accuracy after 2 epochs (softmax, python, compiled) |")
+    assert table[2] == "| 128 | 2000 | 1800 (0.90x) | 1960 (0.98x) | 0.970, 0.961, 0.958 |"
 
 
 def test_harness_says_cupy_is_missing(monkeypatch):
