@@ -139,6 +139,24 @@ def measure(shape, dtype, mode, backends, rounds, settings):
             "peak_memory_mb": peak_memory_mb()}
 
 
+def profile(shape, dtype, mode, backend, settings, calls=5):
+    """MXNet's aggregate operator profile of ``calls`` forward+backward calls (text table)."""
+    rows, dims, classes = shape
+    rng = np.random.default_rng(0)
+    arrays = {"data": rng.standard_normal((rows, dims)).astype(dtype),
+              "weight": rng.standard_normal((classes, dims)).astype(dtype),
+              "label": rng.integers(0, classes, rows).astype(dtype)}
+    run = RUNNERS[mode](backend, rows, dims, classes, dtype, arrays, settings)
+    run()
+    run()
+    mx.profiler.set_config(profile_all=True, aggregate_stats=True, filename=os.devnull)
+    mx.profiler.set_state("run")
+    for _ in range(calls):
+        run()
+    mx.profiler.set_state("stop")
+    return mx.profiler.dumps(reset=True)
+
+
 def table(results, backends):
     header = "| N x D x C | dtype | mode | FullyConnected ms | " + " | ".join(
         f"{name} ms (ratio)" for name in backends) + " | peak RSS MB |"
@@ -277,6 +295,9 @@ def main(argv=None):
                         help="training images per epoch of the LeNet runs (two epochs, the second timed)")
     parser.add_argument("--write", metavar="MARKDOWN", help="write the results to this file")
     parser.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="instead of timing: write MXNet's operator profile of 5 calls per backend and "
+                             "mode at the first --shapes shape and --dtypes dtype to PATH")
     arguments = parser.parse_args(argv)
 
     shapes = ([tuple(int(v) for v in s.split("x")) for s in arguments.shapes]
@@ -284,6 +305,15 @@ def main(argv=None):
     backends = arguments.backends or (["python", "compiled"] if mx_lsoftmax.library.is_loaded() else ["python"])
     settings = dict(margin=arguments.margin, beta=arguments.beta)
     command = "python examples/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if arguments.profile:
+        with open(arguments.profile, "w") as handle:
+            handle.write(f"Command: {command}\n")
+            for mode in arguments.modes:
+                for backend in ["softmax"] + backends:
+                    handle.write(f"\n== {'x'.join(map(str, shapes[0]))} {arguments.dtypes[0]} {mode} {backend}, "
+                                 f"5 calls\n{profile(shapes[0], arguments.dtypes[0], mode, backend, settings)}")
+        print(f"wrote {arguments.profile}")
+        return {"command": command, "profile": arguments.profile}
     sections, raw = [], {"command": command}
 
     if "layer" in arguments.parts:

@@ -74,3 +74,14 @@ def test_harness_names_the_missing_library(monkeypatch, tmp_path):
     with pytest.raises(cuda_harness.HarnessUnavailable, match="make cuda") as raised:
         cuda_harness.KernelHarness(missing)
     assert raised.value.gpu_present and missing in str(raised.value)
+
+
+def test_profile_names_the_library_op(tmp_path):
+    path = tmp_path / "profile.txt"
+    load_example("benchmark").main(["--profile", str(path), "--shapes", "16x8x5", "--dtypes", "float32",
+                                    "--modes", "bound", "--backends", "compiled"])
+    text = path.read_text()
+    assert "== 16x8x5 float32 bound softmax, 5 calls" in text
+    assert "== 16x8x5 float32 bound compiled, 5 calls" in text
+    compiled_part = text.split("bound compiled, 5 calls")[1]
+    assert "lsoftmax_target" in compiled_part and "FullyConnected" in compiled_part
