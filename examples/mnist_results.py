@@ -55,17 +55,24 @@ def run(name, argv, arguments):
     return train_mnist.main(argv)
 
 
+def versions(summaries):
+    """The code versions the runs' logs record ('not recorded' for logs older than the field)."""
+    found = sorted({summary.get("code_version") or "not recorded" for summary in summaries})
+    return "Code version of the runs (train_mnist.py's `code_version`): " + ", ".join(found) + "."
+
+
 def figure_section(arguments):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, len(SETTINGS), figsize=(4 * len(SETTINGS), 4))
-    rows = []
+    rows, summaries = [], []
     for axis, setting in zip(axes, SETTINGS):
         name = f"figure_{setting}"
         image_path = os.path.join(arguments.runs_dir, name + ".png")
         summary = run(name, setting_args(setting) + ["--epochs", str(arguments.figure_epochs), "--embed-dim", "2",
                                                      "--plot", image_path], arguments)
+        summaries.append(summary)
         axis.imshow(plt.imread(image_path))
         axis.axis("off")
         rows.append(f"| {setting} | {100 * summary['test_accuracy']:.2f} |")
@@ -73,18 +80,19 @@ def figure_section(arguments):
     figure.savefig(os.path.join(ROOT, "docs", "figures", "features_2d.png"), dpi=110)
     plt.close(figure)
     return (f"## 2-D test features (the paper's Fig. 2)\n\nLeNet with a 2-D embedding, "
-            f"{arguments.figure_epochs} epochs, beta 100, scale 0.99.\n\n"
+            f"{arguments.figure_epochs} epochs, beta 100, scale 0.99. {versions(summaries)}\n\n"
             f"![2-D features](figures/features_2d.png)\n\n| setting | test accuracy % |\n|---|---|\n"
             + "\n".join(rows) + "\n")
 
 
 def accuracy_section(arguments):
-    rows, summaries = [], {}
+    rows, summaries, logs = [], {}, []
     for setting in SETTINGS:
         accuracies, speeds = [], []
         for seed in arguments.seeds:
             summary = run(f"accuracy_{setting}_seed{seed}",
                           setting_args(setting) + ["--epochs", str(arguments.epochs), "--seed", str(seed)], arguments)
+            logs.append(summary)
             accuracies.append(100 * summary["test_accuracy"])
             speeds.append(summary["train_samples_per_sec"])
         summaries[setting] = accuracies
@@ -97,7 +105,7 @@ def accuracy_section(arguments):
     return (f"## Test accuracy, LeNet, 256-wide embedding\n\n{arguments.epochs} epochs, seeds "
             f"{', '.join(map(str, arguments.seeds))}, beta 100, scale 0.99, beta_min 0, batch 128, SGD lr 0.01 "
             f"momentum 0.9 wd 5e-4, lr x0.1 at epoch 10, Xavier init; test accuracy on plain logits after the "
-            f"last epoch.{limit}\n\n"
+            f"last epoch.{limit} {versions(logs)}\n\n"
             "| setting (m) | ours, per seed % | ours, mean % | paper % | PyTorch re-impl. % | training samples/s |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"), summaries
 

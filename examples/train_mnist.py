@@ -117,6 +117,20 @@ def plot_features(features, labels, path, title):
     plt.close(figure)
 
 
+def code_version():
+    """The checkout's commit (with '+changes' when the tree differs), for the --json log; None outside git."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -237,7 +251,7 @@ def main(argv=None):
     summary = dict(test_accuracy=test_accuracy,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
                    final_beta=model.head.current_beta if isinstance(model.head, LSoftmaxDense) else None,
-                   settings={k: v for k, v in vars(arguments).items()}, epochs=log)
+                   settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(), epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)
     if arguments.json:
         os.makedirs(os.path.dirname(os.path.abspath(arguments.json)), exist_ok=True)
