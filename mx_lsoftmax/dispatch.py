@@ -82,6 +82,13 @@ def lsoftmax(data, weight, label, num_hidden, margin=2, beta=0.0, beta_min=0.0, 
         (saved with Module checkpoints).
     name : str, the name prefix of a Symbol graph (default 'lsoftmax').
 
+    Notes
+    -----
+    With NDArrays and the compiled backend, the layer runs as a cached graph
+    with static memory (one per shape, dtype and setting; the last four are
+    kept with their buffers), which is what makes repeated imperative calls as
+    fast as a bound executor on MXNet 1.9.1's unpooled CPU memory.
+
     Returns
     -------
     NDArray (N, C): margin logits when autograd is recording in training mode,
