@@ -115,12 +115,18 @@ def hybridized_runner(backend, rows, dims, classes, dtype, arrays, settings):
 RUNNERS = {"bound": bound_runner, "imperative": imperative_runner, "hybridized": hybridized_runner}
 
 
-def measure(shape, dtype, mode, backends, rounds, settings):
+def random_arrays(shape, dtype):
+    """Host data (N, D), weight (C, D) and label (N,) for an N x D x C shape, seed 0."""
     rows, dims, classes = shape
     rng = np.random.default_rng(0)
-    arrays = {"data": rng.standard_normal((rows, dims)).astype(dtype),
-              "weight": rng.standard_normal((classes, dims)).astype(dtype),
-              "label": rng.integers(0, classes, rows).astype(dtype)}
+    return {"data": rng.standard_normal((rows, dims)).astype(dtype),
+            "weight": rng.standard_normal((classes, dims)).astype(dtype),
+            "label": rng.integers(0, classes, rows).astype(dtype)}
+
+
+def measure(shape, dtype, mode, backends, rounds, settings):
+    rows, dims, classes = shape
+    arrays = random_arrays(shape, dtype)
     make = RUNNERS[mode]
     runners = {name: make(name, rows, dims, classes, dtype, arrays, settings)
                for name in ["softmax"] + backends}
@@ -142,10 +148,7 @@ def measure(shape, dtype, mode, backends, rounds, settings):
 def profile(shape, dtype, mode, backend, settings, calls=5):
     """MXNet's aggregate operator profile of ``calls`` forward+backward calls (text table)."""
     rows, dims, classes = shape
-    rng = np.random.default_rng(0)
-    arrays = {"data": rng.standard_normal((rows, dims)).astype(dtype),
-              "weight": rng.standard_normal((classes, dims)).astype(dtype),
-              "label": rng.integers(0, classes, rows).astype(dtype)}
+    arrays = random_arrays(shape, dtype)
     run = RUNNERS[mode](backend, rows, dims, classes, dtype, arrays, settings)
     run()
     run()
@@ -178,24 +181,29 @@ def lenet_speed_args(backend, batch, images=12800):
 
 
 def lenet_throughput(batch_sizes=(128, 256), backends=("softmax", "python", "compiled"), images=12800,
-                     output_directory=None):
+                     run_one=None):
     """LeNet training samples/s per backend and batch size, from the example's --json.
 
     Each run is examples/train_mnist.py with ``lenet_speed_args``; the second epoch
-    is timed (the first pays for graph building and oneDNN primitives). Returns rows
-    {batch, backend: samples/s, ...}; raises LookupError when MNIST is missing.
+    is timed (the first pays for graph building and oneDNN primitives).
+    ``run_one(name, argv)`` returns a run's --json summary; the default trains it,
+    writing build/results/{name}.json, and raises LookupError when MNIST is missing.
+    Returns rows {batch, backend: samples/s, backend_test_accuracy: ..., ...}.
     """
-    if resolve_directory(None) is None:
-        raise LookupError("real MNIST not found (set MNIST_DIR, see ../shared/data/mnist)")
-    sys.path.insert(0, EXAMPLES)
-    import train_mnist
-    output_directory = output_directory or os.path.join(ROOT, "build", "results")
+    if run_one is None:
+        if resolve_directory(None) is None:
+            raise LookupError("real MNIST not found (set MNIST_DIR, see ../shared/data/mnist)")
+        sys.path.insert(0, EXAMPLES)
+        import train_mnist
+
+        def run_one(name, argv):
+            path = os.path.join(ROOT, "build", "results", name + ".json")
+            return train_mnist.main(argv + ["--no-progress", "--json", path])
     rows = []
     for batch in batch_sizes:
         row = {"batch": batch}
         for backend in backends:
-            path = os.path.join(output_directory, f"speed_{backend}_{batch}.json")
-            summary = train_mnist.main(lenet_speed_args(backend, batch, images) + ["--no-progress", "--json", path])
+            summary = run_one(f"speed_{backend}_{batch}", lenet_speed_args(backend, batch, images))
             row[backend] = summary["epochs"][-1]["samples_per_sec"]
             row[f"{backend}_test_accuracy"] = summary["test_accuracy"]
         rows.append(row)

@@ -44,12 +44,15 @@ def setting_args(setting):
     return ["--backend", "compiled", "--margin", str(setting), "--beta", "100", "--scale", "0.99"]
 
 
+def limited(argv, arguments):
+    """``argv`` with --train-limit when the comparison runs on a slice of the training set."""
+    return argv + (["--train-limit", str(arguments.train_limit)] if arguments.train_limit else [])
+
+
 def run(name, argv, arguments):
     """One train_mnist.py run (or its matching log with --reuse); returns its --json summary."""
     path = os.path.join(arguments.runs_dir, name + ".json")
     argv = argv + ["--json", path, "--no-progress"]
-    if arguments.train_limit:
-        argv += ["--train-limit", str(arguments.train_limit)]
     if arguments.reuse and os.path.exists(path):
         wanted = vars(train_mnist.parse_arguments(argv))
         with open(path) as handle:
@@ -77,8 +80,9 @@ def figure_section(arguments):
     for axis, setting in zip(axes, SETTINGS):
         name = f"figure_{setting}"
         image_path = os.path.join(arguments.runs_dir, name + ".png")
-        summary = run(name, setting_args(setting) + ["--epochs", str(arguments.figure_epochs), "--embed-dim", "2",
-                                                     "--plot", image_path], arguments)
+        summary = run(name, limited(setting_args(setting) + ["--epochs", str(arguments.figure_epochs),
+                                                             "--embed-dim", "2", "--plot", image_path], arguments),
+                      arguments)
         summaries.append(summary)
         axis.imshow(plt.imread(image_path))
         axis.axis("off")
@@ -97,8 +101,8 @@ def accuracy_section(arguments):
     for setting in ACCURACY_SETTINGS:
         accuracies, speeds = [], []
         for seed in arguments.seeds:
-            summary = run(f"accuracy_{setting}_seed{seed}",
-                          setting_args(setting) + ["--epochs", str(arguments.epochs), "--seed", str(seed)], arguments)
+            summary = run(f"accuracy_{setting}_seed{seed}", limited(
+                setting_args(setting) + ["--epochs", str(arguments.epochs), "--seed", str(seed)], arguments), arguments)
             logs.append(summary)
             accuracies.append(100 * summary["test_accuracy"])
             speeds.append(summary["train_samples_per_sec"])
@@ -120,16 +124,7 @@ def accuracy_section(arguments):
 
 def speed_section(arguments):
     backends = ("softmax", "python", "compiled")
-    rows = []
-    saved_limit, arguments.train_limit = arguments.train_limit, 0  # the runs set their own
-    for batch in (128, 256):
-        row = {"batch": batch}
-        for backend in backends:
-            summary = run(f"speed_{backend}_{batch}", benchmark.lenet_speed_args(backend, batch), arguments)
-            row[backend] = summary["epochs"][-1]["samples_per_sec"]
-            row[f"{backend}_test_accuracy"] = summary["test_accuracy"]
-        rows.append(row)
-    arguments.train_limit = saved_limit
+    rows = benchmark.lenet_throughput(backends=backends, run_one=lambda name, argv: run(name, argv, arguments))
     return ("## Training throughput, all three backends\n\nLeNet (256-wide embedding), m = 4, beta 100, scale "
             "0.99: samples/s over the second of two epochs of 12800 images (the first pays for graph building), "
             "from each run's --json (`epochs[-1].samples_per_sec`); `make bench` measures the same in "
