@@ -1,16 +1,20 @@
-"""mx_lsoftmax: Large-Margin Softmax (L-Softmax, Liu et al. ICML 2016) for MXNet 1.9.1.
+"""mx_lsoftmax: margin-based softmax layers for MXNet 1.9.1.
 
-Importing the package registers the Python CustomOp ``op_type='LSoftmax'`` and,
-when built, loads the compiled op library (``mx.nd.lsoftmax_target``).
-The entry point is ``lsoftmax``; the Gluon block is ``mx_lsoftmax.gluon.LSoftmaxDense``.
+L-Softmax (Liu et al., ICML 2016) and its family: SphereFace, CosFace, ArcFace and
+insightface's combined margin, on one spec (docs/derivatives.md) and two backends.
+
+Importing the package registers the Python CustomOps ``op_type='MarginSoftmax'`` and
+``op_type='LSoftmax'`` and, when built, loads the compiled op library
+(``mx.nd.margin_softmax_target``). Entry points: ``margin_logits`` (every kind) and
+``lsoftmax``; Gluon blocks in ``mx_lsoftmax.gluon``.
 """
-from . import op  # noqa: F401  (registers op_type='LSoftmax')
+from . import op  # noqa: F401  (registers op_type='MarginSoftmax' and 'LSoftmax')
 from . import library
-from .dispatch import BACKENDS, inference_symbol, lsoftmax, new_step, resolve_backend
-from .schedule import LSoftmaxParams, beta_at
+from .dispatch import BACKENDS, inference_symbol, lsoftmax, margin_logits, new_step, resolve_backend
+from .kinds import KINDS, MarginSettings, beta_at
 
 library.load()
 
-__version__ = "0.1.0"
-__all__ = ["lsoftmax", "inference_symbol", "new_step", "resolve_backend", "beta_at",
-           "LSoftmaxParams", "BACKENDS", "library"]
+__version__ = "0.2.0"
+__all__ = ["margin_logits", "lsoftmax", "inference_symbol", "new_step", "resolve_backend",
+           "beta_at", "MarginSettings", "KINDS", "BACKENDS", "library"]

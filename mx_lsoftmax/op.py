@@ -1,4 +1,6 @@
-"""The Python CustomOp ``LSoftmax``: ``mx.sym.Custom(..., op_type='LSoftmax')``.
+"""The Python CustomOp of every margin kind: ``mx.sym.Custom(..., op_type='MarginSoftmax', kind=...)``.
+
+``op_type='LSoftmax'`` is the same op with ``kind='lsoftmax'`` fixed.
 
 Inputs: data (N, D), weight (C, D) (FullyConnected layout, no bias), label (N,)
 class indices in any dtype. Auxiliary state: ``step`` (1,), the number of
@@ -12,17 +14,19 @@ moving averages, so the schedule advances in all three modes and is saved
 with the parameters.
 
 All heavy work stays in MXNet's engine: the three (N x D) by (D x C) products
-are ``dot``/``FullyConnected`` calls, and the O(N) target-column step (D6, D7)
-is a handful of element-wise NDArray operations on length-N vectors.
+are ``FullyConnected``/``dot`` calls on the raw inputs (nothing normalised is
+materialised, K6), the normalised kinds add O(N C) element-wise scalings, and
+the target column (K3, K7) is a handful of element-wise ops on length-N
+vectors, evaluated in float64 whatever the data's dtype.
 """
-import math
-
 import mxnet as mx
 import numpy as np
 
-from .schedule import LSoftmaxParams
+from .kinds import KINDS, MarginSettings, angle_floor
 
-__all__ = ["LSoftmaxOp", "LSoftmaxProp", "target_column", "check_labels"]
+__all__ = ["MarginSoftmaxOp", "MarginSoftmaxProp", "LSoftmaxProp", "check_labels", "target_column"]
+
+FLOAT = ("float32", "float64")
 
 
 def check_labels(label, num_classes):
@@ -33,60 +37,77 @@ def check_labels(label, num_classes):
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"L-Softmax input label must hold integer class indices in [0, {num_classes}), "
+            f"margin softmax input label must hold integer class indices in [0, {num_classes}), "
             f"got label[{index}] = {values[index]!r}")
     return values.astype(np.int64)
 
 
-def _chebyshev(c, margin):
-    """T_m(c) and U_{m-1}(c) by the three-term recurrences (D3, D5)."""
-    t_previous, t_current = mx.nd.ones_like(c), c
-    u_previous, u_current = mx.nd.zeros_like(c), mx.nd.ones_like(c)  # U_{-1}, U_0
-    for _ in range(margin - 1):
-        t_previous, t_current = t_current, 2 * c * t_current - t_previous
-        u_previous, u_current = u_current, 2 * c * u_current - u_previous
-    return t_current, u_current
+def _inverse_or_zero(values, numerator=1.0):
+    """numerator / values where values > 0, else 0 (K9): no division by zero is formed."""
+    positive = values > 0
+    return mx.nd.where(positive, numerator / mx.nd.where(positive, values, mx.nd.ones_like(values)),
+                       mx.nd.zeros_like(values))
 
 
-def target_column(z, norm_x, norm_w, beta, margin):
-    """Blended target logit and its partials in (z, |x|, |w_y|), NDArrays of shape (N,).
+def target_column(settings, f, norm_x, norm_w, beta, floor):
+    """The target logit and its partials, float64 NDArrays of shape (N,) (K3, K7, K9).
 
-    Returns (o, do/dz, do/d|x|, do/d|w_y|) (D6, D7); rows with |x| |w_y| = 0
-    keep the plain logit with do/dz = 1 and zero norm partials (D11).
+    f = x . w_y (raw), norm_x = |x|, norm_w = |w_y|. Returns a dict with
+    z (the plain logit of the kind), o (the training target), d_f = do/df,
+    d_norm_x = do/d|x|, d_norm_w = do/d|w_y|; degenerate rows (|x| |w_y| = 0)
+    keep the plain logit and its partials.
     """
+    row = settings.row
+    s = settings.values.get("s", 1.0)
+    rho = _inverse_or_zero(norm_x, s) if row.normalise_features else mx.nd.ones_like(norm_x)
+    kappa = _inverse_or_zero(norm_w) if row.normalise_weights else mx.nd.ones_like(norm_w)
     product = norm_x * norm_w
     regular = product > 0
-    safe_product = mx.nd.where(regular, product, mx.nd.ones_like(product))
-    c = mx.nd.clip(z / safe_product, -1.0, 1.0)
-    # k counts the thresholds cos(j pi / m) that c lies below (D2): no arccos.
-    k = mx.nd.zeros_like(c)
-    for j in range(1, margin):
-        k = k + (c < math.cos(j * math.pi / margin))
-    sign = 1 - 2 * mx.nd.round(k - 2 * mx.nd.floor(k / 2))  # (-1)^k
-    cos_m, chebyshev_u = _chebyshev(c, margin)
-    psi = sign * cos_m - 2 * k
-    psi_prime = sign * margin * chebyshev_u
-    radial = (psi - c * psi_prime) / (1.0 + beta)
-    o = (beta * z + product * psi) / (1.0 + beta)
-    d_z = (beta + psi_prime) / (1.0 + beta)
-    o = mx.nd.where(regular, o, z)
-    d_z = mx.nd.where(regular, d_z, mx.nd.ones_like(d_z))
-    d_norm_x = mx.nd.where(regular, norm_w * radial, mx.nd.zeros_like(radial))
-    d_norm_w = mx.nd.where(regular, norm_x * radial, mx.nd.zeros_like(radial))
-    return o, d_z, d_norm_x, d_norm_w
+    # f / |x| / |w_y| rather than f / (|x| |w_y|): the product of two float64 norms can overflow.
+    c = mx.nd.clip(f * _inverse_or_zero(norm_x) * _inverse_or_zero(norm_w), -1.0, 1.0)
+    psi, psi_prime = row.psi(c, settings.values, floor)
+    z = rho * kappa * f
+    radius = rho * kappa * product  # r of (K1)
+    blend = 1.0 / (1.0 + beta)
+    inverse_x, inverse_w = _inverse_or_zero(norm_x), _inverse_or_zero(norm_w)
+    d_z_norm_x = -z * inverse_x if row.normalise_features else mx.nd.zeros_like(z)
+    d_z_norm_w = -z * inverse_w if row.normalise_weights else mx.nd.zeros_like(z)
+    radius_has_x = 0.0 if row.normalise_features else 1.0
+    radius_has_w = 0.0 if row.normalise_weights else 1.0
+    o = (beta * z + radius * psi) * blend
+    d_f = rho * kappa * (beta + psi_prime) * blend
+    d_norm_x = (beta * d_z_norm_x + radius * inverse_x * (radius_has_x * psi - c * psi_prime)) * blend
+    d_norm_w = (beta * d_z_norm_w + radius * inverse_w * (radius_has_w * psi - c * psi_prime)) * blend
+    return dict(
+        z=z, rho=rho, kappa=kappa,
+        o=mx.nd.where(regular, o, z),
+        d_f=mx.nd.where(regular, d_f, rho * kappa),
+        d_norm_x=mx.nd.where(regular, d_norm_x, d_z_norm_x),
+        d_norm_w=mx.nd.where(regular, d_norm_w, d_z_norm_w),
+    )
 
 
-def _target_quantities(data, weight, label):
-    """z = x . w_y, |x| and |w_y| per row: O(N D) work."""
-    w_y = mx.nd.take(weight, label, axis=0)
-    z = mx.nd.sum(data * w_y, axis=1)
-    return z, mx.nd.norm(data, axis=1), mx.nd.norm(w_y, axis=1), w_y
+def sum_by_class(values, host_labels, context):
+    """Per-class sums of the rows of ``values`` (N, K): (class indices (U,), sums (U, K)).
+
+    A CSR (U x N) product touches only each sample's own class, so a non-finite
+    row reaches its own class's sum and no other (a dense one-hot product would
+    spread 0 * inf = NaN to every class).
+    """
+    classes, position = np.unique(host_labels, return_inverse=True)
+    order = np.argsort(position, kind="stable")
+    pointers = np.concatenate([[0], np.cumsum(np.bincount(position, minlength=len(classes)))])
+    membership = mx.nd.sparse.csr_matrix(
+        (np.ones(len(order), dtype=values.dtype), order, pointers),
+        shape=(len(classes), values.shape[0]), ctx=context, dtype=values.dtype)
+    return (mx.nd.array(classes, ctx=context, dtype="int64"),
+            mx.nd.sparse.dot(membership, values))
 
 
-class LSoftmaxOp(mx.operator.CustomOp):
-    def __init__(self, params, num_classes):
+class MarginSoftmaxOp(mx.operator.CustomOp):
+    def __init__(self, settings, num_classes):
         super().__init__()
-        self.params = params
+        self.settings = settings
         self.num_classes = num_classes
         # What the last training forward computed and its backward reuses
         # (None after an inference forward): MXNet runs a forward and its
@@ -95,61 +116,122 @@ class LSoftmaxOp(mx.operator.CustomOp):
 
     def forward(self, is_train, req, in_data, out_data, aux):
         data, weight, label = in_data
+        row = self.settings.row
+        dtype = data.dtype
         # Write the product straight into the output when allowed: a (N, C)
         # copy costs as much as the whole target-column step.
-        logits = out_data[0] if req[0] == "write" else mx.nd.empty(out_data[0].shape, data.context, data.dtype)
+        logits = out_data[0] if req[0] == "write" else mx.nd.empty(out_data[0].shape, data.context, dtype)
         mx.nd.FullyConnected(data, weight, no_bias=True, num_hidden=self.num_classes, out=logits)
-        self.saved = None
+        normalised = row.normalise_features or row.normalise_weights
+        saved = dict(normalised=normalised, target=None)
+        if normalised or is_train:
+            saved["norm_x"] = mx.nd.norm(data, axis=1).astype("float64")  # MXNet's norm is scaled: no overflow
+        if normalised:
+            saved["norm_all_w"] = mx.nd.norm(weight, axis=1).astype("float64")
         if is_train:
-            host_labels = check_labels(label, self.num_classes)
-            step = aux[0]
-            t = float(step.asscalar())
-            beta = self.params.beta_at(t)
-            label_index = label.astype("int64")
-            rows = mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context)
-            z, norm_x, norm_w, w_y = _target_quantities(data, weight, label_index)
-            o, d_z, d_norm_x, d_norm_w = target_column(z, norm_x, norm_w, beta, self.params.margin)
-            logits[rows, label_index] = o
-            step[:] = t + 1
-            # MXNet waits for the outputs of a CustomOp, not for its auxiliary
-            # states: without this wait the executor could read a stale step.
-            step.wait_to_read()
-            self.saved = (host_labels, label_index, norm_x, norm_w, w_y, d_z, d_norm_x, d_norm_w)
+            saved["target"] = self._target(data, weight, label, logits, aux[0], saved)
+        if normalised:
+            s = self.settings.values.get("s", 1.0)
+            ones = mx.nd.ones_like
+            rho = _inverse_or_zero(saved["norm_x"], s) if row.normalise_features else ones(saved["norm_x"])
+            kappa = _inverse_or_zero(saved["norm_all_w"]) if row.normalise_weights else ones(saved["norm_all_w"])
+            saved["rho_column"] = rho.astype(dtype).reshape((-1, 1))
+            saved["kappa_row"] = kappa.astype(dtype).reshape((1, -1))
+            mx.nd.broadcast_mul(mx.nd.broadcast_mul(logits, saved["rho_column"]), saved["kappa_row"], out=logits)
+        if is_train:
+            target = saved["target"]
+            logits[target["rows"], target["label_index"]] = target["o"].astype(dtype)
+        self.saved = saved
         if req[0] != "write":
             self.assign(out_data[0], req[0], logits)
 
-    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        """Gradients without copying or rewriting the (N, C) output gradient G.
+    def _target(self, data, weight, label, logits, step, saved):
+        """The training target column (K3) and the per-row coefficients of (K8).
 
-        With G' = G except G'[i, y_i] = g_i do/dz (D7, D8):
-          dx = G' W + (g do/d|x| / |x|) x = G W + (do/dz - 1) g w_y + (g do/d|x| / |x|) x
-          dW = G'^T x + rows y_i += (g do/d|w| / |w_y|) w_y
-             = G^T x + rows y_i += (do/dz - 1) g x_i + (g do/d|w| / |w_y|) w_y
-        so the two products run on G as it is and every correction is O(N D).
+        Reads the raw target products from ``logits`` before they are scaled,
+        advances ``step``; everything returned is float64 of shape (N,).
+        """
+        row = self.settings.row
+        host_labels = check_labels(label, self.num_classes)
+        t = float(step.asscalar())
+        beta = self.settings.beta_at(t)
+        label_index = label.astype("int64")
+        w_y = mx.nd.take(weight, label_index, axis=0)
+        f = mx.nd.pick(logits, label_index, axis=1).astype("float64")
+        norm_x = saved["norm_x"]
+        norm_w = (mx.nd.take(saved["norm_all_w"], label_index) if saved["normalised"]
+                  else mx.nd.norm(w_y, axis=1).astype("float64"))
+        column = target_column(self.settings, f, norm_x, norm_w, beta, angle_floor(data.dtype))
+        step[:] = t + 1
+        # MXNet waits for the outputs of a CustomOp, not for its auxiliary
+        # states: without this wait the executor could read a stale step.
+        step.wait_to_read()
+        # (K8) with S_i and T_j taken over the output, whose target holds o
+        # rather than z: P_i = [feat](-S_i / a_i) + g_iy p_i and
+        # Q_j = [wt](-T_j / b_j) + sum_{y_i = j} g_iy q_i, where
+        # p = do/da + [feat] o / a and q = do/db + [wt] o / b.
+        p, q = column["d_norm_x"], column["d_norm_w"]
+        if row.normalise_features:
+            p = p + column["o"] * _inverse_or_zero(norm_x)
+        if row.normalise_weights:
+            q = q + column["o"] * _inverse_or_zero(norm_w)
+        return dict(host_labels=host_labels, label_index=label_index, w_y=w_y, norm_w=norm_w,
+                    rows=mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context),
+                    o=column["o"], d_f=column["d_f"], p=p, q=q)
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        """Gradients by (K8): the two products on G' and O(N D + C D) row scalings.
+
+        For lsoftmax G' differs from G in the target column only, so the
+        products run on G as it is and the difference is an O(N D) correction:
+        dx += (do/df - 1) g w_y, dW rows y_i += (do/df - 1) g x_i.
+        A backward after an inference forward differentiates the plain logits.
         """
         data, weight, label = in_data
+        dtype = data.dtype
         grad_output = out_grad[0]
-        grad_data = in_grad[0] if req[0] == "write" else mx.nd.empty(data.shape, data.context, data.dtype)
-        grad_weight = in_grad[1] if req[1] == "write" else mx.nd.empty(weight.shape, data.context, data.dtype)
-        mx.nd.dot(grad_output, weight, out=grad_data)
-        mx.nd.dot(grad_output, data, transpose_a=True, out=grad_weight)
-        if self.saved is not None:
-            host_labels, label_index, norm_x, norm_w, w_y, d_z, d_norm_x, d_norm_w = self.saved
-            g_target = mx.nd.pick(grad_output, label_index, axis=1)
-            ones = mx.nd.ones_like(norm_x)
-            through_z = (g_target * (d_z - 1)).expand_dims(1)
-            along_x = (g_target * d_norm_x / mx.nd.where(norm_x > 0, norm_x, ones)).expand_dims(1)
-            along_w = (g_target * d_norm_w / mx.nd.where(norm_w > 0, norm_w, ones)).expand_dims(1)
-            grad_data += through_z * w_y + along_x * data
-            row_updates = through_z * data + along_w * w_y
-            # Rows of W that are targets of several samples collect every
-            # sample's update: sum them per distinct class (an N x U one-hot
-            # product), then add once per class, so no index repeats.
-            classes, position = np.unique(host_labels, return_inverse=True)
-            class_index = mx.nd.array(classes, ctx=data.context, dtype="int64")
-            membership = mx.nd.one_hot(mx.nd.array(position, ctx=data.context), len(classes), dtype=data.dtype)
-            per_class = mx.nd.dot(membership, row_updates, transpose_a=True)
-            grad_weight[class_index] = mx.nd.take(grad_weight, class_index) + per_class
+        grad_data = in_grad[0] if req[0] == "write" else mx.nd.empty(data.shape, data.context, dtype)
+        grad_weight = in_grad[1] if req[1] == "write" else mx.nd.empty(weight.shape, data.context, dtype)
+        saved, row = self.saved, self.settings.row
+        target = saved["target"]
+        if target is not None:
+            g = mx.nd.pick(grad_output, target["label_index"], axis=1).astype("float64")
+        if saved["normalised"]:
+            product_grad = mx.nd.broadcast_mul(mx.nd.broadcast_mul(grad_output, saved["rho_column"]),
+                                               saved["kappa_row"])
+            if target is not None:
+                product_grad[target["rows"], target["label_index"]] = (g * target["d_f"]).astype(dtype)
+            weighted = grad_output * out_data[0]  # G_ij o_ij: S_i and T_j of (K8)
+        else:
+            product_grad = grad_output
+        mx.nd.dot(product_grad, weight, out=grad_data)
+        mx.nd.dot(product_grad, data, transpose_a=True, out=grad_weight)
+
+        along_x = g * target["p"] if target is not None else mx.nd.zeros_like(saved["norm_x"])
+        if saved["normalised"] and row.normalise_features:
+            along_x = along_x - mx.nd.sum(weighted, axis=1).astype("float64") * _inverse_or_zero(saved["norm_x"])
+        if target is not None or row.normalise_features:
+            coefficient_x = (along_x * _inverse_or_zero(saved["norm_x"])).astype(dtype).expand_dims(1)
+            grad_data += coefficient_x * data
+        if target is not None:
+            per_sample_q = g * target["q"] * _inverse_or_zero(target["norm_w"])  # g q_i / |w_y|
+        if saved["normalised"]:
+            # Q_j / b_j for every class: -T_j / b_j^2 plus the target terms of its samples.
+            coefficient_w = mx.nd.zeros_like(saved["norm_all_w"])
+            if row.normalise_weights:
+                inverse_w = _inverse_or_zero(saved["norm_all_w"])
+                coefficient_w = -mx.nd.sum(weighted, axis=0).astype("float64") * inverse_w * inverse_w
+            if target is not None:
+                classes, per_class = sum_by_class(per_sample_q.expand_dims(1), target["host_labels"],
+                                                  data.context)
+                coefficient_w[classes] = mx.nd.take(coefficient_w, classes) + per_class.reshape((-1,))
+            grad_weight += mx.nd.broadcast_mul(weight, coefficient_w.astype(dtype).reshape((-1, 1)))
+        elif target is not None:
+            through_f = (g * (target["d_f"] - 1)).astype(dtype).expand_dims(1)
+            grad_data += through_f * target["w_y"]
+            row_updates = through_f * data + per_sample_q.astype(dtype).expand_dims(1) * target["w_y"]
+            classes, per_class = sum_by_class(row_updates, target["host_labels"], data.context)
+            grad_weight[classes] = mx.nd.take(grad_weight, classes) + per_class
         if req[0] != "write":
             self.assign(in_grad[0], req[0], grad_data)
         if req[1] != "write":
@@ -157,13 +239,14 @@ class LSoftmaxOp(mx.operator.CustomOp):
         self.assign(in_grad[2], req[2], mx.nd.zeros_like(label))
 
 
-@mx.operator.register("LSoftmax")
-class LSoftmaxProp(mx.operator.CustomOpProp):
-    """Shape/type inference and parameter parsing for ``op_type='LSoftmax'``.
+class MarginSoftmaxProp(mx.operator.CustomOpProp):
+    """Shape/type inference and parameter parsing for ``op_type='MarginSoftmax'``.
 
-    Attributes: num_hidden (C, required), margin, beta, beta_min, scale, gamma,
-    power (see ``LSoftmaxParams``; all validated here, when the op is created).
+    Attributes: num_hidden (C, required), kind (default 'lsoftmax'), and the
+    kind's settings (``mx_lsoftmax.kinds``; all validated here, when the op is created).
     """
+
+    fixed_kind = None
 
     def __init__(self, num_hidden=None, **attrs):
         super().__init__(need_top_grad=True)
@@ -178,17 +261,20 @@ class LSoftmaxProp(mx.operator.CustomOpProp):
 
     def _parse(self, num_hidden, attrs):
         if num_hidden is None:
-            raise ValueError("L-Softmax parameter num_hidden (the number of classes C) is required")
+            raise ValueError("margin softmax parameter num_hidden (the number of classes C) is required")
         try:
             self.num_classes = int(num_hidden)
         except ValueError:
-            raise ValueError(f"L-Softmax parameter num_hidden must be a positive integer, got {num_hidden!r}") from None
+            raise ValueError(f"margin softmax parameter num_hidden must be a positive integer, "
+                             f"got {num_hidden!r}") from None
         if self.num_classes < 1:
-            raise ValueError(f"L-Softmax parameter num_hidden must be a positive integer, got {num_hidden!r}")
-        unknown = set(attrs) - {"margin", "beta", "beta_min", "scale", "gamma", "power"}
-        if unknown:
-            raise ValueError(f"L-Softmax got unknown parameter(s) {sorted(unknown)}")
-        self.params = LSoftmaxParams.from_attrs(attrs)
+            raise ValueError(f"margin softmax parameter num_hidden must be a positive integer, got {num_hidden!r}")
+        if self.fixed_kind is not None:
+            if "kind" in attrs:
+                raise ValueError(f"op_type='LSoftmax' is the lsoftmax kind; use op_type='MarginSoftmax' "
+                                 f"for kind={attrs['kind']!r}")
+            attrs = dict(attrs, kind=self.fixed_kind)
+        self.settings = MarginSettings.from_attrs(attrs)
 
     def list_arguments(self):
         return ["data", "weight", "label"]
@@ -204,26 +290,36 @@ class LSoftmaxProp(mx.operator.CustomOpProp):
             raise self.error
         data_shape, weight_shape, label_shape = in_shape[:3]
         if len(data_shape) != 2:
-            raise ValueError(f"L-Softmax input data must be 2-D (N, D), got shape {tuple(data_shape)}")
+            raise ValueError(f"margin softmax input data must be 2-D (N, D), got shape {tuple(data_shape)}")
         n, d = data_shape
         expected_weight = (self.num_classes, d)
         if weight_shape and tuple(weight_shape) != expected_weight:
             raise ValueError(
-                f"L-Softmax input weight must have shape (num_hidden, D) = {expected_weight}, "
+                f"margin softmax input weight must have shape (num_hidden, D) = {expected_weight}, "
                 f"got {tuple(weight_shape)}")
         if label_shape and tuple(label_shape) != (n,):
-            raise ValueError(f"L-Softmax input label must have shape (N,) = ({n},), got {tuple(label_shape)}")
+            raise ValueError(f"margin softmax input label must have shape (N,) = ({n},), got {tuple(label_shape)}")
         return [data_shape, expected_weight, (n,)], [(n, self.num_classes)], [(1,)]
 
     def infer_type(self, in_type):
         dtype = in_type[0]
-        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ValueError(f"L-Softmax input data must be float32 or float64, got {np.dtype(dtype).name}")
+        if np.dtype(dtype).name not in FLOAT:
+            raise ValueError(f"margin softmax input data must be float32 or float64, got {np.dtype(dtype).name}")
         label_type = in_type[2] if in_type[2] is not None else dtype
         return [dtype, dtype, label_type], [dtype], [dtype]
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
-        return [out_grad[0], in_data[0], in_data[1], in_data[2]]
+        return [out_grad[0], in_data[0], in_data[1], in_data[2], out_data[0]]
 
     def create_operator(self, ctx, shapes, dtypes):
-        return LSoftmaxOp(self.params, self.num_classes)
+        return MarginSoftmaxOp(self.settings, self.num_classes)
+
+
+mx.operator.register("MarginSoftmax")(MarginSoftmaxProp)
+
+
+@mx.operator.register("LSoftmax")
+class LSoftmaxProp(MarginSoftmaxProp):
+    """``op_type='LSoftmax'``: the lsoftmax kind (attributes num_hidden, margin, beta, ...)."""
+
+    fixed_kind = "lsoftmax"

@@ -10,8 +10,13 @@ against, so it deliberately takes other routes than they do:
   D10), not from the chain rule through z, |x| and |w_y| (D7) that the
   operators use.
 
+For the margin family (K1-K9) it normalises x and W explicitly, takes
+theta = arccos(c) and the closed forms of psi in theta, and differentiates
+through the normalisations with their Jacobians (I - u u^T) s / |v|, where the
+operators use the chain through the raw products and the norms (K6-K8).
+
 Everything is plain NumPy in float64; nothing here is fast and nothing needs to be.
-Equation numbers (D1)...(D12) refer to ``docs/derivatives.md``.
+Equation numbers (D1)...(D12), (K1)...(K9) refer to ``docs/derivatives.md``.
 """
 from math import comb
 
@@ -26,6 +31,11 @@ __all__ = [
     "target_logit",
     "forward",
     "backward",
+    "FLOAT64_ANGLE_FLOOR",
+    "family_psi",
+    "family_forward",
+    "family_inference",
+    "family_backward",
 ]
 
 
@@ -157,3 +167,131 @@ def backward(data, weight, label, margin, beta, grad_output):
         grad_data[i] += g * (d_f_dx - w)
         grad_weight[y] += g * (d_f_dw - x)
     return grad_data, grad_weight
+
+
+# ---------------------------------------------------------------------------
+# The margin family (K1-K9), independent of mx_lsoftmax.kinds
+# ---------------------------------------------------------------------------
+
+FLOAT64_ANGLE_FLOOR = float(np.sqrt(np.finfo(np.float64).eps))  # delta of (K5)
+
+# What each kind applies to x and w before the product (K1): (features, weights).
+_NORMALISES = {
+    "lsoftmax": (False, False),
+    "sphereface": (False, True),
+    "cosface": (True, True),
+    "arcface": (True, True),
+    "combined": (True, True),
+}
+
+
+def family_psi(kind, theta, settings):
+    """psi and d psi / d theta as closed forms in the angle theta (K1, K5)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    if kind in ("lsoftmax", "sphereface"):
+        margin = int(settings["margin"])
+        k = np.minimum(np.floor(theta * margin / np.pi), margin - 1)
+        sign = (-1.0) ** k
+        return sign * np.cos(margin * theta) - 2 * k, -sign * margin * np.sin(margin * theta)
+    if kind == "cosface":
+        return np.cos(theta) - settings["margin"], -np.sin(theta)
+    if kind == "arcface":
+        m = settings["margin"]
+        if settings.get("easy_margin", False):
+            shifted, unshifted = np.cos(theta) > 0, np.cos(theta)
+        else:
+            shifted, unshifted = theta < np.pi - m, np.cos(theta) - m * np.sin(m)
+        return (np.where(shifted, np.cos(theta + m), unshifted),
+                np.where(shifted, -np.sin(theta + m), -np.sin(theta)))
+    if kind == "combined":
+        m1, m2, m3 = settings["m1"], settings["m2"], settings["m3"]
+        return np.cos(m1 * theta + m2) - m3, -m1 * np.sin(m1 * theta + m2)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _used_inputs(kind, data, weight, settings):
+    """(x-hat, w-hat) as the kind uses them, and the Jacobian factors of each row."""
+    features, weights = _NORMALISES[kind]
+    s = float(settings.get("s", 1.0))
+
+    def normalise(rows, scale):
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        safe = np.where(norms > 0, norms, 1.0)
+        return np.where(norms > 0, scale * rows / safe, 0.0), norms
+
+    x_hat, x_norm = normalise(data, s) if features else (data.copy(), None)
+    w_hat, w_norm = normalise(weight, 1.0) if weights else (weight.copy(), None)
+    return x_hat, w_hat, (x_norm, s) if features else None, (w_norm, 1.0) if weights else None
+
+
+def _pull_back(rows, grad_hat, normalisation):
+    """dL/dv from dL/du for u = scale v / |v|: scale (I - u u^T / scale^2) / |v| applied row-wise.
+
+    A zero row has no direction: its gradient is 0 (K9)."""
+    if normalisation is None:
+        return grad_hat
+    norms, scale = normalisation
+    result = np.zeros_like(rows)
+    for i in range(rows.shape[0]):
+        n = float(norms[i, 0])
+        if n == 0.0:
+            continue
+        unit = rows[i] / n
+        result[i] = scale / n * (grad_hat[i] - unit * (unit @ grad_hat[i]))
+    return result
+
+
+def _target_terms(kind, u, v, settings, beta, angle_floor):
+    """F = |u||v| psi(theta(u, v)) on the used vectors, and dF/du, dF/dv (D9, D10 with (K5))."""
+    a, b = np.linalg.norm(u), np.linalg.norm(v)
+    c = float(np.clip(u @ v / (a * b), -1.0, 1.0))
+    theta = float(np.arccos(c))
+    p, d_theta = (float(value) for value in family_psi(kind, theta, settings))
+    if kind in ("lsoftmax", "sphereface"):
+        dp = float(psi_derivative(c, int(settings["margin"])))  # a polynomial: no pole
+    else:
+        dp = -d_theta / max(np.sin(theta), angle_floor)
+    d_u = dp * v + (b / a) * (p - c * dp) * u
+    d_v = dp * u + (a / b) * (p - c * dp) * v
+    return a * b * p, d_u, d_v
+
+
+def family_forward(kind, data, weight, label, beta, **settings):
+    """Training output (N, C) of any kind (K2, K3); ``beta`` the schedule's value."""
+    data, weight = _as_f64(data, weight)
+    label = np.asarray(label).astype(np.int64)
+    x_hat, w_hat, _, _ = _used_inputs(kind, data, weight, settings)
+    logits = x_hat @ w_hat.T
+    for i, y in enumerate(label):
+        u, v = x_hat[i], w_hat[y]
+        if np.linalg.norm(u) * np.linalg.norm(v) == 0.0:
+            continue  # (K9): the plain logit, 0
+        f, _, _ = _target_terms(kind, u, v, settings, beta, FLOAT64_ANGLE_FLOOR)
+        logits[i, y] = (beta * logits[i, y] + f) / (1.0 + beta)
+    return logits
+
+
+def family_inference(kind, data, weight, **settings):
+    """The plain logits of the kind (K2)."""
+    data, weight = _as_f64(data, weight)
+    x_hat, w_hat, _, _ = _used_inputs(kind, data, weight, settings)
+    return x_hat @ w_hat.T
+
+
+def family_backward(kind, data, weight, label, beta, grad_output, angle_floor=FLOAT64_ANGLE_FLOOR,
+                    **settings):
+    """(dL/d data, dL/d weight) of the training output, through the explicit normalisations."""
+    data, weight, grad_output = _as_f64(data, weight, grad_output)
+    label = np.asarray(label).astype(np.int64)
+    x_hat, w_hat, x_norm, w_norm = _used_inputs(kind, data, weight, settings)
+    grad_x_hat = grad_output @ w_hat
+    grad_w_hat = grad_output.T @ x_hat
+    for i, y in enumerate(label):
+        u, v = x_hat[i], w_hat[y]
+        if np.linalg.norm(u) * np.linalg.norm(v) == 0.0:
+            continue
+        _, d_u, d_v = _target_terms(kind, u, v, settings, beta, angle_floor)
+        g = grad_output[i, y] / (1.0 + beta)
+        grad_x_hat[i] += g * (d_u - v)
+        grad_w_hat[y] += g * (d_v - u)
+    return _pull_back(data, grad_x_hat, x_norm), _pull_back(weight, grad_w_hat, w_norm)
