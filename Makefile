@@ -17,8 +17,8 @@ CUDA_ARCH     ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,co
 BUILD_DIR     := build
 LIBRARY       := mx_lsoftmax/lib/liblsoftmax.so
 CUDA_LIBRARY  := mx_lsoftmax/lib/liblsoftmax_cuda.so
-SOURCES       := src/operator/lsoftmax.cc
-HEADERS       := src/operator/lsoftmax-inl.h src/operator/lsoftmax-launch.h src/operator/lsoftmax-gpu.h
+SOURCES       := src/operator/margin_softmax.cc
+HEADERS       := src/operator/margin_softmax-inl.h src/operator/margin_softmax-gpu.h
 
 # Found from the installed package, never hard-coded.
 MXNET_INCLUDE  = $(shell $(PYTHON) -c "import mxnet.libinfo as l; print(l.find_include_path())" 2>/dev/null)
@@ -46,18 +46,18 @@ $(LIBRARY): $(SOURCES) $(HEADERS) $(VENV)/.installed
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -shared -I$(MXNET_INCLUDE) -Isrc/operator $(SOURCES) $(MXNET_LIB_API) -o $@
 
-# lsoftmax.cu holds only kernels and plain-pointer launchers; lib_api.h (which
+# margin_softmax.cu holds only kernels and plain-pointer launchers; lib_api.h (which
 # under nvcc would need cuRAND's headers, absent from this CUDA toolkit) is
 # compiled by the host compiler only, so no cuRAND package is needed.
-$(CUDA_LIBRARY): $(SOURCES) src/operator/lsoftmax.cu $(HEADERS) $(VENV)/.installed
+$(CUDA_LIBRARY): $(SOURCES) src/operator/margin_softmax.cu $(HEADERS) $(VENV)/.installed
 	@mkdir -p $(dir $@) $(BUILD_DIR)
 	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -Isrc/operator \
-	    -c src/operator/lsoftmax.cu -o $(BUILD_DIR)/lsoftmax_cu.o
-	$(CXX) $(CXXFLAGS) -DLSOFTMAX_WITH_CUDA -I$(MXNET_INCLUDE) -Isrc/operator \
-	    -c $(SOURCES) -o $(BUILD_DIR)/lsoftmax_cc.o
+	    -c src/operator/margin_softmax.cu -o $(BUILD_DIR)/margin_softmax_cu.o
+	$(CXX) $(CXXFLAGS) -DMARGIN_SOFTMAX_WITH_CUDA -I$(MXNET_INCLUDE) -Isrc/operator \
+	    -c $(SOURCES) -o $(BUILD_DIR)/margin_softmax_cc.o
 	$(CXX) $(CXXFLAGS) -I$(MXNET_INCLUDE) -c $(MXNET_LIB_API) -o $(BUILD_DIR)/lib_api.o
-	$(NVCC) -shared $(CUDA_ARCH) -cudart static $(BUILD_DIR)/lsoftmax_cu.o \
-	    $(BUILD_DIR)/lsoftmax_cc.o $(BUILD_DIR)/lib_api.o -o $@
+	$(NVCC) -shared $(CUDA_ARCH) -cudart static $(BUILD_DIR)/margin_softmax_cu.o \
+	    $(BUILD_DIR)/margin_softmax_cc.o $(BUILD_DIR)/lib_api.o -o $@
 
 cuda: $(CUDA_LIBRARY)
 

@@ -13,7 +13,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(ROOT, "src", "operator", "lsoftmax.cc")
+SOURCE = os.path.join(ROOT, "src", "operator", "margin_softmax.cc")
 
 
 def mxnet_include():

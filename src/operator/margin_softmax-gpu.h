@@ -1,0 +1,76 @@
+/*!
+ * \file margin_softmax-gpu.h
+ * \brief The GPU launchers' arguments, shared by margin_softmax.cu (nvcc) and margin_softmax.cc
+ *        (host compiler). Plain pointers, sizes and the Settings struct: no lib_api, no CUDA headers.
+ */
+#ifndef MARGIN_SOFTMAX_GPU_H_
+#define MARGIN_SOFTMAX_GPU_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "margin_softmax-inl.h"
+
+namespace margin_softmax {
+
+// Launcher results: success, or the first row whose label is bad (>= 0), or a CUDA error.
+constexpr int kGpuSuccess = -1;
+constexpr int kCudaFailure = -2;
+// The device flag starts here (a byte-wise memset); atomicMin leaves the first bad row in it.
+constexpr int kNoBadLabelByte = 0x7f;
+constexpr int kNoBadLabel = 0x7f7f7f7f;
+
+/*! \brief Device scratch the launchers need: the label flag and three float64 vectors. */
+inline size_t gpu_scratch_bytes(int64_t rows, int64_t classes) {
+  return sizeof(double) * (2 * rows + classes + 1);
+}
+
+/*! \brief Forward: out = the kind's logits with the target blended; norms; step advanced. */
+template <typename T, typename L>
+struct GpuForward {
+  const T* logits;      // (rows, classes), the raw products x W^T
+  const T* data;        // (rows, dims)
+  const T* weight;      // (classes, dims)
+  const L* label;       // (rows,)
+  T* step;              // (1,), read then advanced
+  T* out;               // (rows, classes)
+  T* beta_used;         // (1,)
+  double* data_norm;    // (rows,)
+  double* weight_norm;  // (classes,)
+  int64_t rows, classes, dims;
+  Settings settings;
+  void* scratch;        // gpu_scratch_bytes(rows, classes)
+  void* stream;         // cudaStream_t
+};
+
+/*! \brief Backward (K8): grad_logits = G', and the norm paths of data and weight. */
+template <typename T, typename L>
+struct GpuBackward {
+  const T* grad_output;        // (rows, classes)
+  const T* logits;             // (rows, classes)
+  const T* data;               // (rows, dims)
+  const T* weight;             // (classes, dims)
+  const L* label;              // (rows,)
+  const T* output;             // (rows, classes), the forward's output
+  const T* beta_used;          // (1,), the forward's beta
+  const double* data_norm;     // (rows,)
+  const double* weight_norm;   // (classes,)
+  T* grad_logits;              // (rows, classes)
+  T* grad_data;                // (rows, dims), the norm path only
+  T* grad_weight;              // (classes, dims), the norm path only
+  int64_t rows, classes, dims;
+  Settings settings;
+  void* scratch;
+  void* stream;
+};
+
+void zero_device(void* pointer, size_t bytes, void* stream);
+
+template <typename T, typename L>
+int forward_gpu_launch(const GpuForward<T, L>& arguments);
+template <typename T, typename L>
+int backward_gpu_launch(const GpuBackward<T, L>& arguments);
+
+}  // namespace margin_softmax
+
+#endif  // MARGIN_SOFTMAX_GPU_H_

@@ -1,0 +1,675 @@
+/*!
+ * \file margin_softmax.cc
+ * \brief Registration of ``margin_softmax_target`` through MXNet's lib_api, the settings
+ *        parser, and the CPU launcher.
+ *
+ * Inputs:  logits (N, C) = x W^T from FullyConnected on the raw inputs, data x (N, D),
+ *          weight W (C, D), label (N,) class indices (any real or integer dtype),
+ *          step (1,) (mutated: the schedule's auxiliary state).
+ * Outputs: output (N, C), the kind's logits with the target column blended (K2, K3);
+ *          beta (1,), the schedule value this forward used (D12);
+ *          data_norm (N,) and weight_norm (C,), float64 |x_i| and |w_j| for the backward
+ *          (weight_norm holds only the target rows for lsoftmax, which needs no others).
+ *
+ * lib_api hands the op no training flag and no write/add request, and a
+ * library op cannot call MXNet's operators. So the op does only the step
+ * around the products; mx_lsoftmax composes it with FullyConnected and inserts
+ * it only into training graphs. Gradients are always written (never added):
+ * MXNet sums the two paths into data and weight itself.
+ *
+ * The schedule counter is a mutated input, which MXNet treats as an auxiliary
+ * state owned by the caller: the op instance holds no state, because MXNet
+ * creates instances afresh for imperative and hybridized calls.
+ */
+#include <cmath>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "mxnet/lib_api.h"
+#include "margin_softmax-inl.h"
+#include "margin_softmax-gpu.h"
+
+using namespace mxnet::ext;
+
+namespace margin_softmax {
+
+// Forward inputs, and backward outputs (one gradient per input).
+enum Input { kLogits = 0, kData, kWeight, kLabel, kStep, kNumInputs };
+enum Output { kOutput = 0, kBetaUsed, kDataNorm, kWeightNorm, kNumOutputs };
+// Backward inputs: [output grads..., forward inputs..., forward outputs...].
+enum BackwardInput {
+  kBackwardGradOutput = 0,
+  kBackwardLogits = kNumOutputs,
+  kBackwardData,
+  kBackwardWeight,
+  kBackwardLabel,
+  kBackwardStep,
+  kBackwardOutput,
+  kBackwardBetaUsed,
+  kBackwardDataNorm,
+  kBackwardWeightNorm,
+};
+
+const char* const kOpName = "margin_softmax_target";
+
+/*!
+ * \brief MX_ERROR_MSG with the messages of earlier, already reported errors dropped.
+ *
+ * lib_api keeps every message ever added in one process-wide list and MXNet
+ * prints the whole list with each failure, so without this a second error
+ * would be reported with the first one's text in front of it. The list is
+ * the only member of MXerrorMsgs (lib_api.h, MX_LIBRARY_VERSION 11), the
+ * copy compiled into this library.
+ */
+std::stringstream& error_message(const char* file, int line) {
+  auto* messages = reinterpret_cast<std::vector<std::stringstream*>*>(MXerrorMsgs::get());
+  for (std::stringstream* message : *messages) delete message;
+  messages->clear();
+  std::stringstream& message = MXerrorMsgs::get()->add(file, line);
+  message << kOpName << ": ";
+  return message;
+}
+#define MARGIN_ERROR ::margin_softmax::error_message(__FILE__, __LINE__)
+
+namespace {
+
+std::string describe_range(const SettingField& field) {
+  std::ostringstream text;
+  const bool has_low = field.low > -HUGE_VAL, has_high = field.high < HUGE_VAL;
+  if (has_low && has_high) {
+    text << "in " << (field.low_open ? "(" : "[") << field.low << ", " << field.high
+         << (field.high_open ? ")" : "]");
+  } else if (has_low) {
+    text << (field.low_open ? "> " : ">= ") << field.low;
+  } else {
+    text << "a finite number";
+  }
+  return text.str();
+}
+
+bool parse_number(const std::string& name, const std::string& text, double* value) {
+  std::istringstream stream(text);
+  stream >> *value;
+  if (stream.fail() || !stream.eof() || !std::isfinite(*value)) {
+    MARGIN_ERROR << "parameter " << name << " must be a finite number, got '" << text << "'";
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+/*!
+ * \brief Parse and validate a node's attributes against the tables of kinds and settings.
+ *
+ * Absent settings take the kind's defaults; a setting the kind does not take, an
+ * unknown one, or a value out of range is an error naming the setting and the value.
+ * Attributes MXNet adds itself (names starting with "__") are ignored.
+ */
+bool parse_settings(const std::unordered_map<std::string, std::string>& attrs, Settings* out) {
+  auto kind_attr = attrs.find("kind");
+  const std::string kind_name = kind_attr == attrs.end() ? "lsoftmax" : kind_attr->second;
+  int kind = -1;
+  for (int k = 0; k < kNumKinds; ++k) {
+    if (kind_name == kKinds[k].name) kind = k;
+  }
+  if (kind < 0) {
+    std::stringstream& message = MARGIN_ERROR;
+    message << "parameter kind must be one of";
+    for (const KindRow& row : kKinds) message << " " << row.name;
+    message << ", got '" << kind_name << "'";
+    return false;
+  }
+  const KindRow& row = kKinds[kind];
+  *out = row.defaults;
+  out->kind = kind;
+  out->normalise_features = row.normalise_features;
+  out->normalise_weights = row.normalise_weights;
+  for (const auto& attr : attrs) {
+    if (attr.first == "kind" || attr.first.rfind("__", 0) == 0) continue;
+    int index = -1;
+    for (int f = 0; f < kNumSettingFields; ++f) {
+      if (attr.first == kSettingFields[f].name) index = f;
+    }
+    if (index < 0 || !(row.takes & (1u << index))) {
+      MARGIN_ERROR << "kind " << row.name << " does not take the setting '" << attr.first << "'";
+      return false;
+    }
+    const SettingField& field = kSettingFields[index];
+    double value;
+    if (!parse_number(attr.first, attr.second, &value)) return false;
+    const bool below = value < field.low || (field.low_open && value == field.low);
+    const bool above = value > field.high || (field.high_open && value == field.high);
+    if (below || above) {
+      MARGIN_ERROR << "parameter " << field.name << " must be " << describe_range(field)
+                   << ", got " << attr.second;
+      return false;
+    }
+    out->*(field.member) = value;
+  }
+  if (row.integer_margin && (out->margin < 1.0 || out->margin != std::floor(out->margin))) {
+    MARGIN_ERROR << "parameter margin must be an integer >= 1, got " << out->margin;
+    return false;
+  }
+  if (kind == kArcFace && !(out->margin < M_PI)) {
+    MARGIN_ERROR << "parameter margin must be in [0, pi), got " << out->margin;
+    return false;
+  }
+  if (out->easy_margin != 0.0 && out->easy_margin != 1.0) {
+    MARGIN_ERROR << "parameter easy_margin must be 0 or 1, got " << out->easy_margin;
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+const char* input_name(int index) {
+  static const char* names[kNumInputs] = {"logits", "data", "weight", "label", "step"};
+  return index >= 0 && index < kNumInputs ? names[index] : "?";
+}
+
+MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& attrs,
+                          int* num_inputs, int* num_outputs) {
+  Settings settings;
+  if (!parse_settings(attrs, &settings)) return MX_FAIL;
+  *num_inputs = kNumInputs;
+  *num_outputs = kNumOutputs;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<int>* in_types, std::vector<int>* out_types) {
+  // Symbols may leave some dtypes unknown (-1): take the first known one.
+  int dtype = -1;
+  for (int input : {kLogits, kData, kWeight, kStep}) {
+    if (dtype < 0) dtype = (*in_types)[input];
+  }
+  if (dtype < 0) return MX_SUCCESS;
+  if (dtype != kFloat32 && dtype != kFloat64) {
+    MARGIN_ERROR << "input logits must be float32 or float64, got dtype code " << dtype;
+    return MX_FAIL;
+  }
+  for (int input : {kLogits, kData, kWeight, kStep}) {
+    if ((*in_types)[input] < 0) (*in_types)[input] = dtype;
+    if ((*in_types)[input] != dtype) {
+      MARGIN_ERROR << "input " << input_name(input) << " must have the dtype of logits (code "
+                   << dtype << "), got code " << (*in_types)[input];
+      return MX_FAIL;
+    }
+  }
+  (*out_types)[kOutput] = dtype;
+  (*out_types)[kBetaUsed] = dtype;
+  (*out_types)[kDataNorm] = kFloat64;
+  (*out_types)[kWeightNorm] = kFloat64;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<std::vector<unsigned int>>* in_shapes,
+                          std::vector<std::vector<unsigned int>>* out_shapes) {
+  const auto& logits = (*in_shapes)[kLogits];
+  const auto& data = (*in_shapes)[kData];
+  const auto& weight = (*in_shapes)[kWeight];
+  const auto& label = (*in_shapes)[kLabel];
+  const auto& step = (*in_shapes)[kStep];
+  if (data.size() != 2) {
+    MARGIN_ERROR << "input data must be 2-D (N, D), got " << data.size() << " dimensions";
+    return MX_FAIL;
+  }
+  if (logits.size() != 2 || logits[0] != data[0]) {
+    MARGIN_ERROR << "input logits must be (N, C) with N = " << data[0];
+    return MX_FAIL;
+  }
+  if (weight.size() != 2 || weight[0] != logits[1] || weight[1] != data[1]) {
+    MARGIN_ERROR << "input weight must be (C, D) = (" << logits[1] << ", " << data[1] << ")";
+    return MX_FAIL;
+  }
+  if (label.size() != 1 || label[0] != data[0]) {
+    MARGIN_ERROR << "input label must be (N,) = (" << data[0] << ",)";
+    return MX_FAIL;
+  }
+  if (step.size() != 1 || step[0] != 1) {
+    MARGIN_ERROR << "input step must have shape (1,)";
+    return MX_FAIL;
+  }
+  (*out_shapes)[kOutput] = logits;
+  (*out_shapes)[kBetaUsed] = std::vector<unsigned int>{1};
+  (*out_shapes)[kDataNorm] = std::vector<unsigned int>{data[0]};
+  (*out_shapes)[kWeightNorm] = std::vector<unsigned int>{weight[0]};
+  return MX_SUCCESS;
+}
+
+// Dense only. Declared explicitly: lib_api's default check fails while a
+// bound graph still has storage types undecided (-1), as Module's does.
+MXReturnValue infer_storage_type(const std::unordered_map<std::string, std::string>& attrs,
+                                 std::vector<int>* in_storage_types,
+                                 std::vector<int>* out_storage_types) {
+  for (int& type : *in_storage_types) {
+    if (type != -1 && type != kDefaultStorage) {
+      MARGIN_ERROR << "inputs must be dense NDArrays, got storage type " << type;
+      return MX_FAIL;
+    }
+    type = kDefaultStorage;
+  }
+  for (int& type : *out_storage_types) type = kDefaultStorage;
+  return MX_SUCCESS;
+}
+
+MXReturnValue mutate_inputs(const std::unordered_map<std::string, std::string>& attrs,
+                            std::vector<int>* input_indices) {
+  input_indices->push_back(kStep);
+  return MX_SUCCESS;
+}
+
+// Sizes read off the tensors, checked once for both passes.
+struct Shape {
+  int64_t rows, classes, dims;
+};
+
+Shape shape_of(const std::vector<MXTensor>& inputs, int logits_index, int data_index) {
+  return Shape{inputs[logits_index].shape[0], inputs[logits_index].shape[1],
+               inputs[data_index].shape[1]};
+}
+
+// Labels are read through their own dtype; every row is checked before any
+// output is written, so a bad label leaves the outputs and the step untouched.
+template <typename L>
+bool check_labels_typed(const L* labels, int64_t rows, int64_t classes,
+                        std::vector<int64_t>* indices) {
+  indices->resize(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    (*indices)[i] = class_index(labels[i], classes);
+    if ((*indices)[i] < 0) {
+      MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes
+                   << "), got label[" << i << "] = " << static_cast<double>(labels[i]);
+      return false;
+    }
+  }
+  return true;
+}
+
+// The one place that maps a label dtype code to a C++ type: `visit` is called
+// with a null pointer of the label's element type. Labels may be any real or
+// integer type MXNet users pass (float labels are common with NDArrayIter).
+template <typename Visitor>
+MXReturnValue with_label_type(int dtype, Visitor visit) {
+  switch (dtype) {
+    case kFloat32: return visit(static_cast<float*>(nullptr));
+    case kFloat64: return visit(static_cast<double*>(nullptr));
+    case kInt32: return visit(static_cast<int32_t*>(nullptr));
+    case kInt64: return visit(static_cast<int64_t*>(nullptr));
+    case kUint8: return visit(static_cast<uint8_t*>(nullptr));
+    case kInt8: return visit(static_cast<int8_t*>(nullptr));
+    default:
+      MARGIN_ERROR << "input label has unsupported dtype code " << dtype;
+      return MX_FAIL;
+  }
+}
+
+MXReturnValue read_labels(MXTensor& label, int64_t classes, std::vector<int64_t>* indices) {
+  return with_label_type(label.dtype, [&](auto* tag) {
+    using L = std::remove_pointer_t<decltype(tag)>;
+    return check_labels_typed(label.data<L>(), label.shape[0], classes, indices) ? MX_SUCCESS
+                                                                               : MX_FAIL;
+  });
+}
+
+// MXNet 1.9.1 does not pool CPU memory: every imperative call gets fresh
+// (C, D) and (N, C) buffers, and first-touch page faults cost more than the
+// copies themselves (11 ms to zero a 20 MB weight gradient, measured).
+// Asking for transparent huge pages on the 2 MB-aligned interior cuts the
+// faults 512-fold where the kernel allows it; elsewhere it is a no-op.
+void prefer_huge_pages(void* pointer, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(2) << 20;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(pointer) + huge - 1) & ~(huge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(pointer) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+size_t dtype_size(int dtype) {
+  switch (dtype) {
+    case kFloat64: case kInt64: return 8;
+    case kFloat32: case kInt32: return 4;
+    case kFloat16: return 2;
+    default: return 1;
+  }
+}
+
+void zero_tensor_cpu(std::vector<MXTensor>* tensors, int index) {
+  if (index >= static_cast<int>(tensors->size())) return;
+  MXTensor& tensor = (*tensors)[index];
+  std::memset(tensor.data_ptr, 0, tensor.size() * dtype_size(tensor.dtype));
+}
+
+// kappa_j for every class (K1), from the weight norms.
+std::vector<double> weight_factors(const Settings& p, const double* weight_norm, int64_t classes) {
+  std::vector<double> kappa(classes);
+  for (int64_t j = 0; j < classes; ++j) kappa[j] = weight_factor(p, weight_norm[j]);
+  return kappa;
+}
+
+template <typename T>
+MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
+                                std::vector<MXTensor>* outputs) {
+  const Shape s = shape_of(*inputs, kLogits, kData);
+  std::vector<int64_t> labels;
+  if (!read_labels((*inputs)[kLabel], s.classes, &labels)) return MX_FAIL;
+  const T* logits = (*inputs)[kLogits].data<T>();
+  const T* data = (*inputs)[kData].data<T>();
+  const T* weight = (*inputs)[kWeight].data<T>();
+  T* step = (*inputs)[kStep].data<T>();
+  T* out = (*outputs)[kOutput].data<T>();
+  double* data_norm = (*outputs)[kDataNorm].data<double>();
+  double* weight_norm = (*outputs)[kWeightNorm].data<double>();
+  const double beta = beta_at(p, static_cast<double>(step[0]));
+  for (int64_t i = 0; i < s.rows; ++i) data_norm[i] = row_norm(data + i * s.dims, s.dims);
+  if (p.normalise_weights) {
+    for (int64_t j = 0; j < s.classes; ++j) weight_norm[j] = row_norm(weight + j * s.dims, s.dims);
+  } else {
+    std::memset(weight_norm, 0, sizeof(double) * s.classes);
+    for (int64_t i = 0; i < s.rows; ++i) {
+      weight_norm[labels[i]] = row_norm(weight + labels[i] * s.dims, s.dims);
+    }
+  }
+  prefer_huge_pages(out, sizeof(T) * s.rows * s.classes);
+  if (p.normalise_features || p.normalise_weights) {
+    const std::vector<double> kappa = weight_factors(p, weight_norm, s.classes);
+    for (int64_t i = 0; i < s.rows; ++i) {
+      const double rho = feature_factor(p, data_norm[i]);
+      const T* f = logits + i * s.classes;
+      T* o = out + i * s.classes;
+      for (int64_t j = 0; j < s.classes; ++j) o[j] = static_cast<T>(f[j] * rho * kappa[j]);
+    }
+  } else {
+    std::memcpy(out, logits, sizeof(T) * s.rows * s.classes);
+  }
+  const double floor = angle_floor<T>();
+  for (int64_t i = 0; i < s.rows; ++i) {
+    const int64_t y = labels[i];
+    const TargetColumn column =
+        target_column(p, logits[i * s.classes + y], data_norm[i], weight_norm[y], beta, floor);
+    out[i * s.classes + y] = static_cast<T>(column.output);
+  }
+  (*outputs)[kBetaUsed].data<T>()[0] = static_cast<T>(beta);
+  step[0] += T(1);
+  return MX_SUCCESS;
+}
+
+// (K8): G' into grad_logits, then the norm paths P_i x_i / a_i and Q_j w_j / b_j.
+template <typename T>
+MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
+                                 std::vector<MXTensor>* outputs) {
+  const Shape s = shape_of(*inputs, kBackwardLogits, kBackwardData);
+  std::vector<int64_t> labels;
+  if (!read_labels((*inputs)[kBackwardLabel], s.classes, &labels)) return MX_FAIL;
+  const T* grad_output = (*inputs)[kBackwardGradOutput].data<T>();
+  const T* logits = (*inputs)[kBackwardLogits].data<T>();
+  const T* data = (*inputs)[kBackwardData].data<T>();
+  const T* weight = (*inputs)[kBackwardWeight].data<T>();
+  const T* output = (*inputs)[kBackwardOutput].data<T>();
+  const double* data_norm = (*inputs)[kBackwardDataNorm].data<double>();
+  const double* weight_norm = (*inputs)[kBackwardWeightNorm].data<double>();
+  const double beta = static_cast<double>((*inputs)[kBackwardBetaUsed].data<T>()[0]);
+  T* grad_logits = (*outputs)[kLogits].data<T>();
+  T* grad_data = (*outputs)[kData].data<T>();
+  T* grad_weight = (*outputs)[kWeight].data<T>();
+  prefer_huge_pages(grad_logits, sizeof(T) * s.rows * s.classes);
+  prefer_huge_pages(grad_weight, sizeof(T) * s.classes * s.dims);
+
+  // Row sums S_i and column sums T_j of G o (K8), and G' off the target column.
+  std::vector<double> row_sum(s.rows, 0.0), along_weight(s.classes, 0.0);
+  if (p.normalise_features || p.normalise_weights) {
+    const std::vector<double> kappa = weight_factors(p, weight_norm, s.classes);
+    for (int64_t i = 0; i < s.rows; ++i) {
+      const double rho = feature_factor(p, data_norm[i]);
+      const T* g = grad_output + i * s.classes;
+      const T* o = output + i * s.classes;
+      T* g_prime = grad_logits + i * s.classes;
+      double sum = 0.0;
+      for (int64_t j = 0; j < s.classes; ++j) {
+        g_prime[j] = static_cast<T>(g[j] * rho * kappa[j]);
+        const double weighted = static_cast<double>(g[j]) * o[j];
+        sum += weighted;
+        along_weight[j] += weighted;
+      }
+      row_sum[i] = sum;
+    }
+    for (int64_t j = 0; j < s.classes; ++j) {
+      const double inverse = p.normalise_weights ? kappa[j] : 0.0;  // 1 / b_j, or 0
+      along_weight[j] = -along_weight[j] * inverse * inverse;
+    }
+  } else {
+    std::memcpy(grad_logits, grad_output, sizeof(T) * s.rows * s.classes);
+  }
+  const double floor = angle_floor<T>();
+  for (int64_t i = 0; i < s.rows; ++i) {
+    const int64_t y = labels[i];
+    const double a = data_norm[i], b = weight_norm[y];
+    const double g = grad_output[i * s.classes + y];
+    const TargetColumn column = target_column(p, logits[i * s.classes + y], a, b, beta, floor);
+    grad_logits[i * s.classes + y] = static_cast<T>(g * column.d_f);
+    const double along_data =
+        (p.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
+    const double coefficient = a > 0.0 ? along_data / a : 0.0;
+    for (int64_t d = 0; d < s.dims; ++d) {
+      grad_data[i * s.dims + d] = static_cast<T>(coefficient * data[i * s.dims + d]);
+    }
+    // Only the sample's own class: a non-finite row reaches no other class's gradient.
+    if (b > 0.0) along_weight[y] += g * column.q / b;
+  }
+  for (int64_t j = 0; j < s.classes; ++j) {
+    const double coefficient = along_weight[j];
+    const T* w = weight + j * s.dims;
+    T* out = grad_weight + j * s.dims;
+    for (int64_t d = 0; d < s.dims; ++d) out[d] = static_cast<T>(coefficient * w[d]);
+  }
+  zero_tensor_cpu(outputs, kLabel);
+  zero_tensor_cpu(outputs, kStep);
+  return MX_SUCCESS;
+}
+
+MXReturnValue forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                          const OpResource& resource) {
+  Settings p;
+  if (!parse_settings(attrs, &p)) return MX_FAIL;
+  if ((*inputs)[kLogits].dtype == kFloat64) return forward_cpu_typed<double>(p, inputs, outputs);
+  return forward_cpu_typed<float>(p, inputs, outputs);
+}
+
+MXReturnValue backward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                           const OpResource& resource) {
+  Settings p;
+  if (!parse_settings(attrs, &p)) return MX_FAIL;
+  if ((*inputs)[kBackwardLogits].dtype == kFloat64) {
+    return backward_cpu_typed<double>(p, inputs, outputs);
+  }
+  return backward_cpu_typed<float>(p, inputs, outputs);
+}
+
+#if defined(MARGIN_SOFTMAX_WITH_CUDA)
+// ---- GPU launchers: unpack the tensors, dispatch on dtypes, call margin_softmax.cu ----
+
+MXReturnValue report_gpu(int result, int64_t classes) {
+  if (result == kGpuSuccess) return MX_SUCCESS;
+  if (result == kCudaFailure) {
+    MARGIN_ERROR << "a CUDA kernel failed to launch";
+  } else {
+    MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes
+                 << "), got a bad value at label[" << result << "]";
+  }
+  return MX_FAIL;
+}
+
+template <typename T, typename L>
+MXReturnValue forward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
+                                std::vector<MXTensor>* outputs, const OpResource& resource) {
+  const Shape s = shape_of(*inputs, kLogits, kData);
+  GpuForward<T, L> a{(*inputs)[kLogits].data<T>(), (*inputs)[kData].data<T>(),
+                     (*inputs)[kWeight].data<T>(), (*inputs)[kLabel].data<L>(),
+                     (*inputs)[kStep].data<T>(), (*outputs)[kOutput].data<T>(),
+                     (*outputs)[kBetaUsed].data<T>(), (*outputs)[kDataNorm].data<double>(),
+                     (*outputs)[kWeightNorm].data<double>(), s.rows, s.classes, s.dims, p,
+                     resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
+                     resource.get_cuda_stream()};
+  return report_gpu(forward_gpu_launch(a), s.classes);
+}
+
+template <typename T, typename L>
+MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
+                                 std::vector<MXTensor>* outputs, const OpResource& resource) {
+  const Shape s = shape_of(*inputs, kBackwardLogits, kBackwardData);
+  GpuBackward<T, L> a{(*inputs)[kBackwardGradOutput].data<T>(),
+                      (*inputs)[kBackwardLogits].data<T>(), (*inputs)[kBackwardData].data<T>(),
+                      (*inputs)[kBackwardWeight].data<T>(), (*inputs)[kBackwardLabel].data<L>(),
+                      (*inputs)[kBackwardOutput].data<T>(), (*inputs)[kBackwardBetaUsed].data<T>(),
+                      (*inputs)[kBackwardDataNorm].data<double>(),
+                      (*inputs)[kBackwardWeightNorm].data<double>(), (*outputs)[kLogits].data<T>(),
+                      (*outputs)[kData].data<T>(), (*outputs)[kWeight].data<T>(), s.rows,
+                      s.classes, s.dims, p,
+                      resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
+                      resource.get_cuda_stream()};
+  const int result = backward_gpu_launch(a);
+  for (int index : {kLabel, kStep}) {
+    if (index < static_cast<int>(outputs->size())) {
+      MXTensor& tensor = (*outputs)[index];
+      zero_device(tensor.data_ptr, tensor.size() * dtype_size(tensor.dtype), a.stream);
+    }
+  }
+  return report_gpu(result, s.classes);
+}
+
+// Forward and backward differ only in where logits and label sit among the
+// inputs and in the typed launcher `typed(value_tag, label_tag, settings)`.
+template <typename Typed>
+MXReturnValue gpu_entry(const std::unordered_map<std::string, std::string>& attrs,
+                        std::vector<MXTensor>* inputs, int logits_index, int label_index,
+                        Typed typed) {
+  Settings p;
+  if (!parse_settings(attrs, &p)) return MX_FAIL;
+  const bool is_double = (*inputs)[logits_index].dtype == kFloat64;
+  return with_label_type((*inputs)[label_index].dtype, [&](auto* label_tag) {
+    return is_double ? typed(static_cast<double*>(nullptr), label_tag, p)
+                     : typed(static_cast<float*>(nullptr), label_tag, p);
+  });
+}
+
+MXReturnValue forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                          const OpResource& resource) {
+  return gpu_entry(attrs, inputs, kLogits, kLabel,
+                   [&](auto* value_tag, auto* label_tag, const Settings& p) {
+                     using T = std::remove_pointer_t<decltype(value_tag)>;
+                     using L = std::remove_pointer_t<decltype(label_tag)>;
+                     return forward_gpu_typed<T, L>(p, inputs, outputs, resource);
+                   });
+}
+
+MXReturnValue backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                           const OpResource& resource) {
+  return gpu_entry(attrs, inputs, kBackwardLogits, kBackwardLabel,
+                   [&](auto* value_tag, auto* label_tag, const Settings& p) {
+                     using T = std::remove_pointer_t<decltype(value_tag)>;
+                     using L = std::remove_pointer_t<decltype(label_tag)>;
+                     return backward_gpu_typed<T, L>(p, inputs, outputs, resource);
+                   });
+}
+#endif  // MARGIN_SOFTMAX_WITH_CUDA
+
+}  // namespace
+}  // namespace margin_softmax
+
+REGISTER_OP(margin_softmax_target)
+    .setParseAttrs(margin_softmax::parse_attrs)
+    .setInferType(margin_softmax::infer_type)
+    .setInferShape(margin_softmax::infer_shape)
+    .setInferSType(margin_softmax::infer_storage_type)
+    .setMutateInputs(margin_softmax::mutate_inputs)
+    .setForward(margin_softmax::forward_cpu, "cpu")
+    .setBackward(margin_softmax::backward_cpu, "cpu")
+#if defined(MARGIN_SOFTMAX_WITH_CUDA)
+    .setForward(margin_softmax::forward_gpu, "gpu")
+    .setBackward(margin_softmax::backward_gpu, "gpu")
+#endif
+    ;
+
+MXReturnValue initialize(int version) {
+  if (version >= 10700) return MX_SUCCESS;
+  MARGIN_ERROR << "this library needs MXNet >= 1.7.0, got version " << version;
+  return MX_FAIL;
+}
+
+#if defined(MARGIN_SOFTMAX_WITH_CUDA)
+// ---------------------------------------------------------------------------
+// Kernel-level C entry points for the CuPy harness (mx_lsoftmax/support/cuda_harness.py):
+// device pointers, sizes, the settings as "name=value" pairs separated by ';'
+// (parsed by parse_settings, like a node's attributes), device scratch of
+// margin_softmax_scratch_bytes(rows, classes) bytes, and a stream (0: default).
+// Labels are int64. Return kGpuSuccess (-1), the first bad row, kCudaFailure
+// (-2), or -3 for bad settings (margin_softmax_last_error() says why).
+// ---------------------------------------------------------------------------
+namespace {
+std::string last_error;
+
+bool settings_from_text(const char* text, margin_softmax::Settings* settings) {
+  std::unordered_map<std::string, std::string> attrs;
+  std::stringstream stream(text ? text : "");
+  std::string pair;
+  while (std::getline(stream, pair, ';')) {
+    const size_t equals = pair.find('=');
+    if (equals != std::string::npos) attrs[pair.substr(0, equals)] = pair.substr(equals + 1);
+  }
+  if (margin_softmax::parse_settings(attrs, settings)) return true;
+  auto* messages = reinterpret_cast<std::vector<std::stringstream*>*>(MXerrorMsgs::get());
+  last_error = messages->empty() ? "bad settings" : messages->back()->str();
+  return false;
+}
+}  // namespace
+
+extern "C" const char* margin_softmax_last_error() { return last_error.c_str(); }
+
+extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
+  return margin_softmax::gpu_scratch_bytes(rows, classes);
+}
+
+#define MARGIN_C_ENTRY(T, SUFFIX)                                                                \
+  extern "C" int margin_softmax_forward_##SUFFIX(                                                 \
+      const T* logits, const T* data, const T* weight, const int64_t* label, T* step, T* out,    \
+      T* beta_used, double* data_norm, double* weight_norm, int64_t rows, int64_t classes,       \
+      int64_t dims, const char* settings_text, void* scratch, void* stream) {                     \
+    margin_softmax::Settings settings;                                                            \
+    if (!settings_from_text(settings_text, &settings)) return -3;                                 \
+    margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, label, step, out, beta_used,  \
+                                             data_norm, weight_norm, rows, classes, dims,        \
+                                             settings, scratch, stream};                         \
+    return margin_softmax::forward_gpu_launch(a);                                                 \
+  }                                                                                               \
+  extern "C" int margin_softmax_backward_##SUFFIX(                                                \
+      const T* grad_output, const T* logits, const T* data, const T* weight,                     \
+      const int64_t* label, const T* output, const T* beta_used, const double* data_norm,        \
+      const double* weight_norm, T* grad_logits, T* grad_data, T* grad_weight, int64_t rows,     \
+      int64_t classes, int64_t dims, const char* settings_text, void* scratch, void* stream) {   \
+    margin_softmax::Settings settings;                                                            \
+    if (!settings_from_text(settings_text, &settings)) return -3;                                 \
+    margin_softmax::GpuBackward<T, int64_t> a{                                                    \
+        grad_output, logits,     data,       weight,    label, output, beta_used, data_norm,     \
+        weight_norm, grad_logits, grad_data, grad_weight, rows, classes, dims, settings,         \
+        scratch,     stream};                                                                     \
+    return margin_softmax::backward_gpu_launch(a);                                                \
+  }
+
+MARGIN_C_ENTRY(float, float32)
+MARGIN_C_ENTRY(double, float64)
+#endif  // MARGIN_SOFTMAX_WITH_CUDA

@@ -1,0 +1,311 @@
+/*!
+ * \file margin_softmax.cu
+ * \brief GPU kernels of ``margin_softmax_target``: thin launchers around margin_softmax-inl.h.
+ *
+ * Row norms: one block per row, reduced in float64 (scaled where the plain sum
+ * would overflow, as row_norm does on the CPU). The (N, C) passes are
+ * grid-stride element-wise kernels; the target column is one thread per row
+ * evaluating the shared target_column(). Column sums T_j (K8) take one thread
+ * per column, reading G and the output row by row (coalesced across threads).
+ * Everything runs on the stream MXNet hands the op.
+ *
+ * This file does not include lib_api.h (which would need cuRAND's headers
+ * under nvcc): margin_softmax.cc, compiled by the host compiler, registers the
+ * op and calls the launchers below with raw device pointers.
+ */
+#include <cuda_runtime.h>
+
+#include "margin_softmax-inl.h"
+#include "margin_softmax-gpu.h"
+
+namespace margin_softmax {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t count) {
+  const int64_t blocks = (count + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+// Block-wide reduction; `combine` is + or max. Every thread gets the result.
+template <typename Combine>
+__device__ double block_reduce(double value, Combine combine) {
+  __shared__ double partial[kThreads];
+  __syncthreads();  // the buffer may still be read from a previous call
+  partial[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      partial[threadIdx.x] = combine(partial[threadIdx.x], partial[threadIdx.x + stride]);
+    }
+    __syncthreads();
+  }
+  return partial[0];
+}
+
+struct Add {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct Max {
+  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+
+// |row| for one row per block, the block-parallel form of row_norm().
+template <typename T>
+__device__ double block_row_norm(const T* row, int64_t dims) {
+  double sum = 0.0;
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    sum += static_cast<double>(row[d]) * row[d];
+  }
+  sum = block_reduce(sum, Add());
+  if (square_sum_is_safe(sum)) return sqrt(sum);
+  double largest = 0.0;
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    largest = fmax(largest, fabs(static_cast<double>(row[d])));
+  }
+  largest = block_reduce(largest, Max());
+  if (largest == 0.0 || !(largest < HUGE_VAL)) return largest;
+  double scaled = 0.0;
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    const double v = static_cast<double>(row[d]) / largest;
+    scaled += v * v;
+  }
+  return largest * sqrt(block_reduce(scaled, Add()));
+}
+
+template <typename T>
+__global__ void norms_kernel(const T* rows, int64_t dims, double* norms) {
+  const double norm = block_row_norm(rows + blockIdx.x * dims, dims);
+  if (threadIdx.x == 0) norms[blockIdx.x] = norm;
+}
+
+// Norms of the target rows only (lsoftmax); rows sharing a class write the same value.
+template <typename T, typename L>
+__global__ void target_norms_kernel(const T* weight, const L* label, int64_t classes, int64_t dims,
+                                    double* weight_norm) {
+  const int64_t y = class_index(label[blockIdx.x], classes);
+  if (y < 0) return;  // reported by the target kernel
+  const double norm = block_row_norm(weight + y * dims, dims);
+  if (threadIdx.x == 0) weight_norm[y] = norm;
+}
+
+// out_ij = f_ij rho_i kappa_j (K2).
+template <typename T>
+__global__ void scale_kernel(const T* logits, T* out, const double* data_norm,
+                             const double* weight_norm, int64_t rows, int64_t classes,
+                             Settings settings) {
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < rows * classes;
+       index += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = index / classes, j = index % classes;
+    out[index] = static_cast<T>(logits[index] * feature_factor(settings, data_norm[i]) *
+                                weight_factor(settings, weight_norm[j]));
+  }
+}
+
+template <typename T, typename L>
+__global__ void forward_target_kernel(const T* logits, const L* label, const T* step, T* out,
+                                      const double* data_norm, const double* weight_norm,
+                                      int64_t rows, int64_t classes, Settings settings,
+                                      int* bad_label) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= rows) return;
+  const int64_t y = class_index(label[i], classes);
+  if (y < 0) {
+    atomicMin(bad_label, static_cast<int>(i));
+    return;
+  }
+  const double beta = beta_at(settings, static_cast<double>(step[0]));
+  out[i * classes + y] = static_cast<T>(target_column(settings, logits[i * classes + y],
+                                                      data_norm[i], weight_norm[y], beta,
+                                                      angle_floor<T>()).output);
+}
+
+// Runs after every row has read the step: publishes beta and advances the schedule.
+template <typename T>
+__global__ void advance_step_kernel(T* step, T* beta_used, Settings settings) {
+  beta_used[0] = static_cast<T>(beta_at(settings, static_cast<double>(step[0])));
+  step[0] += T(1);
+}
+
+// G' = G rho kappa off the target column, and S_i = sum_j G_ij o_ij; one block per row.
+template <typename T>
+__global__ void backward_rows_kernel(const T* grad_output, const T* output, T* grad_logits,
+                                     const double* data_norm, const double* weight_norm,
+                                     int64_t classes, Settings settings, double* row_sum) {
+  const int64_t i = blockIdx.x;
+  const double rho = feature_factor(settings, data_norm[i]);
+  double sum = 0.0;
+  for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) {
+    const int64_t index = i * classes + j;
+    grad_logits[index] =
+        static_cast<T>(grad_output[index] * rho * weight_factor(settings, weight_norm[j]));
+    sum += static_cast<double>(grad_output[index]) * output[index];
+  }
+  sum = block_reduce(sum, Add());
+  if (threadIdx.x == 0) row_sum[i] = sum;
+}
+
+// Q_j / b_j starts at -T_j / b_j^2 under weight normalisation (K8), else 0.
+template <typename T>
+__global__ void column_kernel(const T* grad_output, const T* output, const double* weight_norm,
+                              int64_t rows, int64_t classes, Settings settings,
+                              double* along_weight) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < classes;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    double sum = 0.0;
+    if (settings.normalise_weights) {
+      for (int64_t i = 0; i < rows; ++i) {
+        sum += static_cast<double>(grad_output[i * classes + j]) * output[i * classes + j];
+      }
+    }
+    const double inverse = settings.normalise_weights ? weight_factor(settings, weight_norm[j]) : 0.0;
+    along_weight[j] = -sum * inverse * inverse;
+  }
+}
+
+template <typename T, typename L>
+__global__ void backward_target_kernel(const T* grad_output, const T* logits, const L* label,
+                                       const T* beta_used, const double* data_norm,
+                                       const double* weight_norm, T* grad_logits,
+                                       const double* row_sum, double* along_data,
+                                       double* along_weight, int64_t rows, int64_t classes,
+                                       Settings settings, int* bad_label) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= rows) return;
+  const int64_t y = class_index(label[i], classes);
+  if (y < 0) {
+    atomicMin(bad_label, static_cast<int>(i));
+    return;
+  }
+  const double a = data_norm[i], b = weight_norm[y];
+  const double g = grad_output[i * classes + y];
+  const TargetColumn column = target_column(settings, logits[i * classes + y], a, b,
+                                            static_cast<double>(beta_used[0]), angle_floor<T>());
+  grad_logits[i * classes + y] = static_cast<T>(g * column.d_f);
+  const double along =
+      (settings.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
+  along_data[i] = a > 0.0 ? along / a : 0.0;
+  // Only the sample's own class: a non-finite row reaches no other class's gradient.
+  if (b > 0.0) atomicAdd(along_weight + y, g * column.q / b);
+}
+
+// out[r, d] = coefficient[r] * rows[r, d]: the norm paths P_i x_i / a_i and Q_j w_j / b_j.
+template <typename T>
+__global__ void scale_rows_kernel(const T* rows, const double* coefficient, T* out, int64_t count,
+                                  int64_t dims) {
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < count * dims;
+       index += int64_t(gridDim.x) * blockDim.x) {
+    out[index] = static_cast<T>(coefficient[index / dims] * rows[index]);
+  }
+}
+
+// The flag lives in the caller's scratch (OpResource's allocator, or CuPy in the harness).
+int read_bad_label(int* bad_label, cudaStream_t stream) {
+  int host = kNoBadLabel;
+  cudaMemcpyAsync(&host, bad_label, sizeof(int), cudaMemcpyDeviceToHost, stream);
+  cudaStreamSynchronize(stream);
+  return host;
+}
+
+// Scratch layout: [flag (one double slot)][row_sum (rows)][along_data (rows)][along_weight (classes)].
+struct Scratch {
+  int* bad_label;
+  double *row_sum, *along_data, *along_weight;
+};
+
+Scratch split(void* scratch, int64_t rows) {
+  double* base = static_cast<double*>(scratch);
+  return Scratch{reinterpret_cast<int*>(base), base + 1, base + 1 + rows, base + 1 + 2 * rows};
+}
+
+}  // namespace
+
+template <typename T, typename L>
+int forward_gpu_launch(const GpuForward<T, L>& a) {
+  auto stream = static_cast<cudaStream_t>(a.stream);
+  const Scratch scratch = split(a.scratch, a.rows);
+  cudaMemsetAsync(scratch.bad_label, kNoBadLabelByte, sizeof(int), stream);
+  if (a.rows > 0) norms_kernel<<<a.rows, kThreads, 0, stream>>>(a.data, a.dims, a.data_norm);
+  if (a.settings.normalise_weights) {
+    if (a.classes > 0) {
+      norms_kernel<<<a.classes, kThreads, 0, stream>>>(a.weight, a.dims, a.weight_norm);
+    }
+  } else {
+    cudaMemsetAsync(a.weight_norm, 0, sizeof(double) * a.classes, stream);
+    if (a.rows > 0) {
+      target_norms_kernel<<<a.rows, kThreads, 0, stream>>>(a.weight, a.label, a.classes, a.dims,
+                                                           a.weight_norm);
+    }
+  }
+  if (a.settings.normalise_features || a.settings.normalise_weights) {
+    scale_kernel<<<blocks_for(a.rows * a.classes), kThreads, 0, stream>>>(
+        a.logits, a.out, a.data_norm, a.weight_norm, a.rows, a.classes, a.settings);
+  } else {
+    cudaMemcpyAsync(a.out, a.logits, sizeof(T) * a.rows * a.classes, cudaMemcpyDeviceToDevice,
+                    stream);
+  }
+  if (a.rows > 0) {
+    forward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
+        a.logits, a.label, a.step, a.out, a.data_norm, a.weight_norm, a.rows, a.classes,
+        a.settings, scratch.bad_label);
+  }
+  // The label check needs one small copy back; it keeps a bad label from
+  // advancing the schedule and from passing silently.
+  const int bad = read_bad_label(scratch.bad_label, stream);
+  if (bad != kNoBadLabel) return bad;
+  advance_step_kernel<<<1, 1, 0, stream>>>(a.step, a.beta_used, a.settings);
+  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+}
+
+template <typename T, typename L>
+int backward_gpu_launch(const GpuBackward<T, L>& a) {
+  auto stream = static_cast<cudaStream_t>(a.stream);
+  const Scratch scratch = split(a.scratch, a.rows);
+  cudaMemsetAsync(scratch.bad_label, kNoBadLabelByte, sizeof(int), stream);
+  if (a.settings.normalise_features || a.settings.normalise_weights) {
+    if (a.rows > 0) {
+      backward_rows_kernel<<<a.rows, kThreads, 0, stream>>>(a.grad_output, a.output,
+                                                            a.grad_logits, a.data_norm,
+                                                            a.weight_norm, a.classes, a.settings,
+                                                            scratch.row_sum);
+    }
+  } else {
+    cudaMemcpyAsync(a.grad_logits, a.grad_output, sizeof(T) * a.rows * a.classes,
+                    cudaMemcpyDeviceToDevice, stream);
+  }
+  column_kernel<<<blocks_for(a.classes), kThreads, 0, stream>>>(
+      a.grad_output, a.output, a.weight_norm, a.rows, a.classes, a.settings, scratch.along_weight);
+  if (a.rows > 0) {
+    backward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
+        a.grad_output, a.logits, a.label, a.beta_used, a.data_norm, a.weight_norm, a.grad_logits,
+        scratch.row_sum, scratch.along_data, scratch.along_weight, a.rows, a.classes, a.settings,
+        scratch.bad_label);
+  }
+  const int bad = read_bad_label(scratch.bad_label, stream);
+  if (bad != kNoBadLabel) return bad;
+  scale_rows_kernel<<<blocks_for(a.rows * a.dims), kThreads, 0, stream>>>(
+      a.data, scratch.along_data, a.grad_data, a.rows, a.dims);
+  scale_rows_kernel<<<blocks_for(a.classes * a.dims), kThreads, 0, stream>>>(
+      a.weight, scratch.along_weight, a.grad_weight, a.classes, a.dims);
+  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+}
+
+void zero_device(void* pointer, size_t bytes, void* stream) {
+  cudaMemsetAsync(pointer, 0, bytes, static_cast<cudaStream_t>(stream));
+}
+
+#define MARGIN_INSTANTIATE(T, L)                                     \
+  template int forward_gpu_launch<T, L>(const GpuForward<T, L>&);   \
+  template int backward_gpu_launch<T, L>(const GpuBackward<T, L>&);
+#define MARGIN_INSTANTIATE_LABELS(T) \
+  MARGIN_INSTANTIATE(T, float)       \
+  MARGIN_INSTANTIATE(T, double)      \
+  MARGIN_INSTANTIATE(T, int32_t)     \
+  MARGIN_INSTANTIATE(T, int64_t)     \
+  MARGIN_INSTANTIATE(T, uint8_t)     \
+  MARGIN_INSTANTIATE(T, int8_t)
+MARGIN_INSTANTIATE_LABELS(float)
+MARGIN_INSTANTIATE_LABELS(double)
+
+}  // namespace margin_softmax
