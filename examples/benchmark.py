@@ -13,7 +13,7 @@ plain layer measured in the same rounds. Three settings:
 
 Besides the layer table: LeNet training samples/s per backend (the example's
 --json, batch 128 and 256; needs MNIST), and a GPU section timing the CUDA
-kernels against cuBLAS products through mx_lsoftmax.cuda_harness (needs CuPy,
+kernels against cuBLAS products through mx_lsoftmax.support.cuda_harness (needs CuPy,
 a GPU and `make cuda`; otherwise the section says what was missing).
 
 Example: python examples/benchmark.py --write docs/benchmarks.md
@@ -34,8 +34,8 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd  # noqa: E402
 
 import mx_lsoftmax  # noqa: E402
-from mx_lsoftmax.cuda_harness import HarnessUnavailable, KernelHarness  # noqa: E402
-from mx_lsoftmax.data import resolve_directory  # noqa: E402
+from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, KernelHarness  # noqa: E402
+from mx_lsoftmax.support.data import resolve_directory  # noqa: E402
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(EXAMPLES)
@@ -275,7 +275,7 @@ def gpu_section(shapes, dtypes, rounds, settings):
             results.append(gpu_measure(harness, shape, dtype, rounds, settings))
     lines = [f"Device: {harness.device_name()}. Forward+backward, CUDA events, median of {rounds} "
              "alternating rounds; plain = the three cuBLAS products of a FullyConnected layer "
-             "(x W^T, G W, G^T x), layer = the same products plus the lsoftmax_target kernels "
+             "(x W^T, G W, G^T x), layer = the same products plus the margin_softmax_target kernels "
              "(logits copy, target column, label check, step advance).", "",
              "| N x D x C | dtype | cuBLAS products ms | L-Softmax ms (ratio) |", "|---|---|---|---|"]
     for r in results:

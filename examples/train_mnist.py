@@ -20,7 +20,7 @@ from mxnet import autograd, gluon  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
 import mx_lsoftmax  # noqa: E402
-from mx_lsoftmax.data import DataError, load_mnist  # noqa: E402
+from mx_lsoftmax.support.data import DataError, load_mnist  # noqa: E402
 from mx_lsoftmax.gluon import LSoftmaxDense  # noqa: E402
 
 try:

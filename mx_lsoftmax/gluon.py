@@ -1,59 +1,58 @@
-"""Gluon block: ``LSoftmaxDense``, a drop-in for ``nn.Dense(units, use_bias=False)``."""
-import dataclasses
+"""Gluon blocks: drop-ins for ``nn.Dense(units, use_bias=False)`` in front of a softmax loss.
 
+``MarginDense`` serves every kind; ``LSoftmaxDense``, ``SphereFaceDense``,
+``CosFaceDense``, ``ArcFaceDense`` and ``CombinedMarginDense`` fix the kind.
+Their settings and defaults come from the table of kinds (``mx_lsoftmax.kinds``).
+"""
 import mxnet as mx
 from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
-from .dispatch import _check_num_classes, lsoftmax, resolve_backend
-from .schedule import LSoftmaxParams
+from . import graph
+from .dispatch import check_num_classes, margin_logits, resolve_backend
+from .kinds import KINDS, SETTINGS, MarginSettings
 
-__all__ = ["LSoftmaxDense"]
+__all__ = ["MarginDense", "LSoftmaxDense", "SphereFaceDense", "CosFaceDense", "ArcFaceDense",
+           "CombinedMarginDense"]
 
 
-class LSoftmaxDense(HybridBlock):
-    """Large-Margin Softmax classifier layer (Liu et al., ICML 2016).
+class MarginDense(HybridBlock):
+    """Margin-softmax classifier layer of any kind (docs/derivatives.md, K1-K9).
 
-    ``block(x, label)`` while ``autograd.record()`` trains gives margin logits
-    (N, units): the target column of x W^T replaced by the blended L-Softmax
-    logit; ``block(x)``, or any call outside training, gives the plain logits
-    x W^T. Both work hybridized or not, in either order, any number of times:
-    plain calls never enter the cached graph, which only ever sees (x, label).
+    ``block(x, label)`` while ``autograd.record()`` trains gives the training
+    logits (N, units): the kind's plain logits with the target column replaced
+    by the margin target. ``block(x)``, or any call outside training, gives the
+    kind's plain logits (normalised where the kind normalises). Both work
+    hybridized or not, in either order, any number of times: plain calls never
+    enter the cached graph, which only ever sees (x, label).
 
     Parameters
     ----------
     units : int, the number of classes C.
+    kind : 'lsoftmax', 'sphereface', 'cosface', 'arcface' or 'combined'.
     in_units : int, the feature size D; 0 (default) infers it on the first call.
-    margin : int >= 1, the angular margin m. Default 2.
-    beta, beta_min, scale, gamma, power : the schedule
-        beta_t = max(beta_min, beta scale^t (1 + gamma t)^-power); defaults 0, 0, 1, 0, 1.
     backend : 'auto' (default; the compiled op when built), 'python' or 'compiled'.
     weight_initializer : initializer of ``weight``; default the global one.
     dtype : 'float32' (default) or 'float64'.
+    **settings : the kind's settings (margin, s, easy_margin, m1, m2, m3, beta, beta_min,
+        scale, gamma, power); defaults per kind from ``mx_lsoftmax.kinds.KINDS``.
 
-    Parameters of the block: ``weight`` (units, in_units), and ``step`` (1,),
-    the training steps taken so far (not trained, grad_req 'null'), so that
-    ``save_parameters``/``load_parameters`` resume the schedule exactly.
+    Parameters of the block: ``weight`` (units, in_units), the raw classifier, and
+    ``step`` (1,), the training steps taken so far (not trained, grad_req 'null'),
+    so that ``save_parameters``/``load_parameters`` resume the schedule exactly.
     Each device copy advances its own ``step``; all copies take the same steps.
-
-    Example
-    -------
-    >>> head = LSoftmaxDense(10, margin=4, beta=100, scale=0.99)
-    >>> head.initialize(mx.init.Xavier()); head.hybridize()
-    >>> with autograd.record():
-    ...     loss = gluon.loss.SoftmaxCrossEntropyLoss()(head(features, label), label)
-    >>> loss.backward()
-    >>> predictions = head(features).argmax(axis=1)   # plain logits
     """
 
-    def __init__(self, units, in_units=0, margin=2, beta=0.0, beta_min=0.0, scale=1.0,
-                 gamma=0.0, power=1.0, backend="auto", weight_initializer=None,
-                 dtype="float32", **kwargs):
-        super().__init__(**kwargs)
-        self._units = _check_num_classes(units)
+    kind = None  # fixed by the subclasses
+
+    def __init__(self, units, kind=None, in_units=0, backend="auto", weight_initializer=None,
+                 dtype="float32", **settings):
+        prefix_settings = {key: settings.pop(key) for key in ("prefix", "params") if key in settings}
+        super().__init__(**prefix_settings)
+        kind = kind or self.kind or "lsoftmax"
+        self._units = check_num_classes(units)
         self._in_units = in_units
-        self.schedule = LSoftmaxParams(margin=margin, beta=beta, beta_min=beta_min, scale=scale,
-                                       gamma=gamma, power=power)
+        self.settings = MarginSettings(kind, **settings)
         self.backend = resolve_backend(backend)
         with self.name_scope():
             self.weight = self.params.get("weight", shape=(units, in_units), dtype=dtype,
@@ -62,9 +61,14 @@ class LSoftmaxDense(HybridBlock):
                                         grad_req="null", differentiable=False)
 
     @property
+    def schedule(self):
+        """The settings (``MarginSettings``); kept under this name for L-Softmax users."""
+        return self.settings
+
+    @property
     def current_beta(self):
         """The beta the next training step will use (from ``step`` on the first context)."""
-        return self.schedule.beta_at(float(self.step.data(self.step.list_ctx()[0]).asscalar()))
+        return self.settings.beta_at(float(self.step.data(self.step.list_ctx()[0]).asscalar()))
 
     def forward(self, x, label=None):
         plain = label is None or not autograd.is_training()
@@ -75,8 +79,8 @@ class LSoftmaxDense(HybridBlock):
                 self.infer_shape(x)
                 for parameter in (self.weight, self.step):
                     parameter._finish_deferred_init()
-            return mx.nd.FullyConnected(x, self.weight.data(x.context), no_bias=True,
-                                        num_hidden=self._units)
+            return graph.build(mx.nd, x, self.weight.data(x.context), None, None, self._units,
+                               self.settings, self.backend, self.name)
         return super().forward(x, label)
 
     def hybridize(self, active=True, static_alloc=None, static_shape=None, **kwargs):
@@ -95,27 +99,18 @@ class LSoftmaxDense(HybridBlock):
         self.weight.shape = (self._units, x.shape[1])
 
     def hybrid_forward(self, F, x, label=None, weight=None, step=None):
-        if label is None:
-            return F.FullyConnected(x, weight, no_bias=True, num_hidden=self._units, name="fwd")
-        attrs = self.schedule.as_attrs()
-        if F is mx.nd:  # not hybridized: the entry point, which caches the compiled graph
-            return lsoftmax(x, weight, label, self._units, backend=self.backend, step=step,
-                            **dataclasses.asdict(self.schedule))
-        if self.backend == "python":
-            return F.Custom(x, weight, label, step, op_type="LSoftmax", num_hidden=self._units,
-                            name="fwd", **attrs)
-        logits = F.FullyConnected(x, weight, no_bias=True, num_hidden=self._units, name="fc")
-        return F.lsoftmax_target(logits, x, weight, label, step, name="fwd", **attrs)[0]
+        if F is mx.nd and label is not None:  # not hybridized: the entry point and its cached graph
+            return margin_logits(x, weight, label, self._units, self.settings.kind,
+                                 backend=self.backend, step=step, **self.settings.as_dict())
+        return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd")
 
     def export(self, path, epoch=0):
-        """Write the inference graph (plain logits, input ``data``) for ``SymbolBlock.imports``
-        and ``mx.mod.Module``: ``{path}-symbol.json`` and ``{path}-{epoch:04d}.params``.
-        Loading them needs MXNet only, not mx_lsoftmax."""
-        data = mx.sym.var("data")
-        weight = mx.sym.var(self.weight.name)
-        graph = mx.sym.FullyConnected(data, weight, no_bias=True, num_hidden=self._units,
-                                      name=self.prefix + "fwd")
-        graph.save(f"{path}-symbol.json", remove_amp_cast=True)
+        """Write the inference graph (the kind's plain logits, input ``data``) for
+        ``SymbolBlock.imports`` and ``mx.mod.Module``: ``{path}-symbol.json`` and
+        ``{path}-{epoch:04d}.params``. Loading them needs MXNet only, not mx_lsoftmax."""
+        symbol = graph.build(mx.sym, mx.sym.var("data"), mx.sym.var(self.weight.name), None, None,
+                             self._units, self.settings, self.backend, self.prefix + "fwd")
+        symbol.save(f"{path}-symbol.json", remove_amp_cast=True)
         ctx = self.weight.list_ctx()[0]
         mx.nd.save(f"{path}-{epoch:04d}.params",
                    {f"arg:{self.weight.name}": self.weight.data(ctx).as_in_context(mx.cpu())})
@@ -123,5 +118,37 @@ class LSoftmaxDense(HybridBlock):
 
     def __repr__(self):
         shape = self.weight.shape
+        settings = ", ".join(f"{name}={value}" for name, value in self.settings.values.items()
+                             if name in KINDS[self.settings.kind].defaults)
         return (f"{self.__class__.__name__}({shape[1] if shape[1] else None} -> {self._units}, "
-                f"margin={self.schedule.margin}, beta={self.schedule.beta}, backend={self.backend})")
+                f"{settings}, backend={self.backend})")
+
+
+def _settings_doc(kind):
+    row = KINDS[kind]
+    lines = []
+    for name, default in {**row.defaults, **row.schedule}.items():
+        lines.append(f"    {name} : {SETTINGS[name].description}. Default {default!r}.")
+    lines.append("    beta, beta_min, scale, gamma, power : the schedule beta_t = max(beta_min, "
+                 "beta scale^t (1 + gamma t)^-power)" + ("; defaults above." if row.schedule else
+                                                        "; defaults 0, 0, 1, 0, 1 (no blending)."))
+    return "\n".join(lines)
+
+
+def _fixed_kind(class_name, kind, summary):
+    def __init__(self, units, in_units=0, backend="auto", weight_initializer=None, dtype="float32",
+                 **settings):
+        MarginDense.__init__(self, units, kind, in_units=in_units, backend=backend,
+                             weight_initializer=weight_initializer, dtype=dtype, **settings)
+
+    doc = (f"{summary}\n\n    ``MarginDense`` with kind '{kind}': units, in_units, backend, "
+           f"weight_initializer, dtype as there.\n\n    Settings\n    --------\n{_settings_doc(kind)}\n")
+    return type(class_name, (MarginDense,), {"kind": kind, "__init__": __init__, "__doc__": doc})
+
+
+LSoftmaxDense = _fixed_kind("LSoftmaxDense", "lsoftmax", "Large-Margin Softmax (Liu et al., ICML 2016).")
+SphereFaceDense = _fixed_kind("SphereFaceDense", "sphereface", "SphereFace / A-Softmax (Liu et al., CVPR 2017).")
+CosFaceDense = _fixed_kind("CosFaceDense", "cosface", "CosFace / AM-Softmax (Wang et al., CVPR 2018).")
+ArcFaceDense = _fixed_kind("ArcFaceDense", "arcface", "ArcFace (Deng et al., CVPR 2019).")
+CombinedMarginDense = _fixed_kind("CombinedMarginDense", "combined",
+                                  "insightface's combined margin s (cos(m1 theta + m2) - m3).")

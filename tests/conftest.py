@@ -14,6 +14,18 @@ import mx_lsoftmax  # noqa: E402
 
 MARGINS = (1, 2, 3, 4, 5, 6)
 BETAS = (0.0, 3.5)
+# The family matrix (K1): each kind at its defaults and at one other setting.
+KIND_CASES = {
+    "lsoftmax-m4": ("lsoftmax", dict(margin=4)),
+    "sphereface-m4": ("sphereface", dict(margin=4)),
+    "sphereface-m2": ("sphereface", dict(margin=2)),
+    "cosface": ("cosface", dict(margin=0.35, s=64.0)),
+    "cosface-s8": ("cosface", dict(margin=0.2, s=8.0)),
+    "arcface": ("arcface", dict(margin=0.5, s=64.0)),
+    "arcface-easy": ("arcface", dict(margin=0.5, s=16.0, easy_margin=True)),
+    "combined": ("combined", dict(m1=1.0, m2=0.3, m3=0.2, s=64.0)),
+    "combined-m1": ("combined", dict(m1=1.5, m2=0.1, m3=0.1, s=10.0)),
+}
 DTYPES = ("float32", "float64")
 ALL_BACKENDS = ("python", "compiled")
 
@@ -25,6 +37,8 @@ TOLERANCE = {
 }
 # Central differences in float64 with step 1e-6: truncation error ~1e-8 relative.
 NUMERIC_GRADIENT = dict(numeric_eps=1e-6, rtol=1e-5, atol=1e-7)
+# The normalised kinds scale logits by s (up to 64): rounding of the differenced outputs grows with it.
+NUMERIC_GRADIENT_SCALED = dict(numeric_eps=1e-6, rtol=1e-5, atol=1e-6)
 
 def compiled_available():
     return mx_lsoftmax.library.is_loaded()
@@ -41,14 +55,28 @@ def backend(request):
 def dtype(request):
     return request.param
 
-def angle_clear_inputs(rows, dims, classes, margin, seed, dtype="float64", clearance=0.05):
+def kind_thresholds(kind, settings):
+    """The cosines where a kind's psi or psi' jumps, besides the poles +-1 (K1, K5)."""
+    if kind in ("lsoftmax", "sphereface"):
+        margin = int(settings["margin"])
+        return [math.cos(j * math.pi / margin) for j in range(1, margin)]
+    if kind == "arcface":
+        return [0.0] if settings.get("easy_margin") else [-math.cos(settings["margin"])]
+    return []
+
+
+def angle_clear_inputs(rows, dims, classes, margin, seed, dtype="float64", clearance=0.05,
+                       thresholds=None):
     """Random (data, weight, label) whose target angles keep `clearance` (in cos) from
-    every threshold cos(j pi / m), where psi' jumps: finite differences stay honest."""
+    every threshold cos(j pi / m) (or the given ones) and from +-1, where psi' jumps or
+    has its pole: finite differences stay honest."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((classes, dims))
     label = rng.integers(0, classes, rows)
     data = np.empty((rows, dims))
-    thresholds = [math.cos(j * math.pi / margin) for j in range(1, margin)] + [1.0, -1.0]
+    if thresholds is None:
+        thresholds = [math.cos(j * math.pi / margin) for j in range(1, margin)]
+    thresholds = list(thresholds) + [1.0, -1.0]
     for i in range(rows):
         while True:
             row = rng.standard_normal(dims)
@@ -58,6 +86,11 @@ def angle_clear_inputs(rows, dims, classes, margin, seed, dtype="float64", clear
                 data[i] = row
                 break
     return data.astype(dtype), weight.astype(dtype), label
+
+def kind_inputs(kind, settings, rows, dims, classes, seed, dtype="float64", clearance=0.05):
+    return angle_clear_inputs(rows, dims, classes, 1, seed, dtype=dtype, clearance=clearance,
+                              thresholds=kind_thresholds(kind, settings))
+
 
 def nd(array, dtype=None):
     array = np.asarray(array)

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from mx_lsoftmax import cuda_harness
+from mx_lsoftmax.support import cuda_harness
 
 from conftest import load_example
 
@@ -84,4 +84,4 @@ def test_profile_names_the_library_op(tmp_path):
     assert "== 16x8x5 float32 bound softmax, 5 calls" in text
     assert "== 16x8x5 float32 bound compiled, 5 calls" in text
     compiled_part = text.split("bound compiled, 5 calls")[1]
-    assert "lsoftmax_target" in compiled_part and "FullyConnected" in compiled_part
+    assert "margin_softmax_target" in compiled_part and "FullyConnected" in compiled_part

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from mx_lsoftmax.data import MNIST_FILES, DataError, load_mnist, parse_idx
+from mx_lsoftmax.support.data import MNIST_FILES, DataError, load_mnist, parse_idx
 
 
 def write_idx(directory, count=3, spelling="dash", compress=True, truncate=False, magic=None):

@@ -85,9 +85,9 @@ def test_compiled_op_reports_bad_settings_through_mxnet(settings, message):
     inputs = (mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), mx.nd.array([0, 1]),
               mx.nd.zeros((1,)))
     with pytest.raises(mx.base.MXNetError) as error:
-        mx.nd.lsoftmax_target(*inputs, **settings)[0].asnumpy()
+        mx.nd.margin_softmax_target(*inputs, **settings)[0].asnumpy()
     assert message in str(error.value)
-    assert str(error.value).count("lsoftmax_target:") == 1  # no stale messages from earlier errors
+    assert str(error.value).count("margin_softmax_target:") == 1  # no stale messages from earlier errors
     assert_still_working()
 
 
@@ -96,7 +96,7 @@ def test_compiled_op_reports_bad_label_through_mxnet():
         pytest.skip("the compiled library is not built (run `make`)")
     step = mx.nd.zeros((1,))
     with pytest.raises(mx.base.MXNetError) as error:
-        mx.nd.lsoftmax_target(mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)),
+        mx.nd.margin_softmax_target(mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)),
                               mx.nd.array([0, 7]), step)[0].asnumpy()
     assert "label[1] = 7" in str(error.value)
     assert step.asscalar() == 0

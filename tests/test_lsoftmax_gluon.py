@@ -119,7 +119,7 @@ def module_fit(backend, contexts, data, label, epochs=2, batch=32):
 
 
 def mnist_batch(count=256):
-    from mx_lsoftmax.data import load_mnist, resolve_directory
+    from mx_lsoftmax.support.data import load_mnist, resolve_directory
     if resolve_directory(None) is None:
         pytest.skip("real MNIST not found (set MNIST_DIR)")
     images, labels = load_mnist(download=False)["train"]

@@ -14,7 +14,7 @@ from mxnet import autograd
 
 import mx_lsoftmax
 from mx_lsoftmax import spec
-from mx_lsoftmax.cuda_harness import SUCCESS, HarnessUnavailable, KernelHarness
+from mx_lsoftmax.support.cuda_harness import SUCCESS, HarnessUnavailable, KernelHarness
 
 from conftest import BETAS, MARGINS, TOLERANCE, angle_clear_inputs, nd
 

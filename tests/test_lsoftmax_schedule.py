@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from mx_lsoftmax import LSoftmaxParams, beta_at
+from mx_lsoftmax import MarginSettings, beta_at
 
 
 def test_caffe_mnist_power_decay():
@@ -29,11 +29,12 @@ def test_combined_formula_and_underflow():
 
 
 def test_params_defaults_and_parsing_from_strings():
-    params = LSoftmaxParams()
+    params = MarginSettings()
+    assert params.kind == "lsoftmax"
     assert (params.margin, params.beta, params.beta_min, params.scale, params.gamma, params.power) \
         == (2, 0.0, 0.0, 1.0, 0.0, 1.0)
-    parsed = LSoftmaxParams.from_attrs(params.as_attrs() | {"margin": "4", "beta": "0.1"})
-    assert parsed.margin == 4 and parsed.beta == 0.1
+    parsed = MarginSettings.from_attrs(params.as_attrs() | {"margin": "4", "beta": "0.1"})
+    assert parsed.margin == 4 and parsed.beta == 0.1 and parsed.kind == "lsoftmax"
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -50,5 +51,5 @@ def test_params_defaults_and_parsing_from_strings():
 ])
 def test_bad_settings_name_the_parameter_and_value(name, value, message):
     with pytest.raises(ValueError) as error:
-        LSoftmaxParams(**{name: value})
+        MarginSettings(**{name: value})
     assert message in str(error.value)

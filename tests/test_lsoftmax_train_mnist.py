@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mx_lsoftmax.data import resolve_directory
+from mx_lsoftmax.support.data import resolve_directory
 
 from conftest import load_example
 
