@@ -6,6 +6,7 @@ level: runs with a GPU build of MXNet. Everything else skips, saying why.
 """
 import math
 import os
+import shutil
 
 import mxnet as mx
 import numpy as np
@@ -14,9 +15,12 @@ from mxnet import autograd
 
 import mx_lsoftmax
 from mx_lsoftmax import spec
-from mx_lsoftmax.support.cuda_harness import SUCCESS, HarnessUnavailable, KernelHarness
+from mx_lsoftmax import MarginSettings
+from mx_lsoftmax.support.cuda_harness import BAD_SETTINGS, SUCCESS, HarnessUnavailable, KernelHarness
 
-from conftest import BETAS, MARGINS, TOLERANCE, angle_clear_inputs, nd
+from conftest import BETAS, KIND_CASES, MARGINS, TOLERANCE, angle_clear_inputs, kind_inputs, nd
+
+SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 
 
 @pytest.fixture(scope="module")
@@ -29,66 +33,91 @@ def kernels():
         pytest.skip(str(reason))
 
 
-def run_kernels(kernels, data, weight, label, margin, grad, dtype, step=0.0, **schedule):
+def run_kernels(kernels, data, weight, label, settings, grad, dtype, step=0.0):
     cupy = kernels.cupy
     x, w = cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype)
     y = cupy.asarray(label, dtype=cupy.int64)
     step_array = cupy.full((1,), step, dtype=dtype)
-    status, logits, out, beta_used = kernels.forward(x, w, y, step_array, margin, **schedule)
+    status, saved, out = kernels.forward(x, w, y, step_array, settings)
     if status != SUCCESS:
         return status, None
-    status, full_data, full_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), logits, x, w, y,
-                                                      beta_used, margin)
+    status, full_data, full_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), saved)
     assert status == SUCCESS
-    return status, dict(out=cupy.asnumpy(out), beta=float(beta_used[0]), step=float(step_array[0]),
+    return status, dict(out=cupy.asnumpy(out), beta=float(saved["beta_used"][0]), step=float(step_array[0]),
                         grad_data=cupy.asnumpy(full_data), grad_weight=cupy.asnumpy(full_weight))
 
 
+def spec_result(settings, data, weight, label, grad, dtype):
+    values = {k: v for k, v in settings.values.items() if k not in SCHEDULE_NAMES}
+    beta = settings.beta_at(0)
+    floor = float(np.sqrt(np.finfo(dtype).eps))
+    return (spec.family_forward(settings.kind, data, weight, label, beta, **values),
+            *spec.family_backward(settings.kind, data, weight, label, beta, grad, angle_floor=floor, **values))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("case", KIND_CASES)
 @pytest.mark.parametrize("beta", BETAS)
-def test_kernels_match_spec(kernels, dtype, margin, beta):
-    data, weight, label = angle_clear_inputs(64, 300, 11, margin, seed=margin)  # D > block size
+def test_kernels_match_spec(kernels, dtype, case, beta):
+    kind, values = KIND_CASES[case]
+    settings = MarginSettings(kind, **values, beta=beta, beta_min=0.0, gamma=0.0)
+    data, weight, label = kind_inputs(kind, settings.values, 64, 300, 11, seed=2)  # D > block size
     label[:8] = 3  # several rows share a class: the weight gradient's atomics add up
-    grad = np.random.default_rng(margin).standard_normal((64, 11))
-    status, result = run_kernels(kernels, data, weight, label, margin, grad, dtype, beta=beta)
+    grad = np.random.default_rng(3).standard_normal((64, 11))
+    status, result = run_kernels(kernels, data, weight, label, settings, grad, dtype)
     assert status == SUCCESS
-    expected_data, expected_weight = spec.backward(data, weight, label, margin, beta, grad)
     tolerance = TOLERANCE[dtype] if dtype == "float64" else dict(rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(result["out"], spec.forward(data, weight, label, margin, beta), **tolerance)
-    np.testing.assert_allclose(result["grad_data"], expected_data, **tolerance)
-    np.testing.assert_allclose(result["grad_weight"], expected_weight, **tolerance)
+    for key, want in zip(("out", "grad_data", "grad_weight"), spec_result(settings, data, weight, label, grad, dtype)):
+        scale = max(1.0, float(np.abs(want).max())) if dtype == "float32" else 1.0
+        np.testing.assert_allclose(result[key] / scale, want / scale, **tolerance)
 
 
-def test_kernels_zero_rows_and_thresholds(kernels):
-    margin = 4
+@pytest.mark.parametrize("margin", MARGINS)
+def test_kernels_lsoftmax_every_margin(kernels, margin):
+    settings = MarginSettings("lsoftmax", margin=margin, beta=3.5)
+    data, weight, label = angle_clear_inputs(32, 40, 7, margin, seed=margin)
+    grad = np.random.default_rng(margin).standard_normal((32, 7))
+    status, result = run_kernels(kernels, data, weight, label, settings, grad, "float64")
+    assert status == SUCCESS
+    for key, want in zip(("out", "grad_data", "grad_weight"), spec_result(settings, data, weight, label, grad, "float64")):
+        np.testing.assert_allclose(result[key], want, **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("case", KIND_CASES)
+def test_kernels_edge_angles_and_zero_rows(kernels, case):
+    kind, values = KIND_CASES[case]
+    settings = MarginSettings(kind, **values)
     weight = np.array([[0.6, 0.0, 0.0], [0.3, -0.2, 0.9], [0.0, 0.0, 0.0]])
-    angles = [k * math.pi / margin + offset for k in range(1, margin) for offset in (-1e-9, 1e-9)]
-    angles += [0.0, math.pi]
+    angles = [0.0, 1e-9, math.pi - 1e-9, math.pi, 1.0]
     data = np.array([[1.7 * math.cos(a), 1.7 * math.sin(a), 0.0] for a in angles] + [[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
     label = np.array([0] * len(angles) + [1, 2])  # a zero data row, then a zero weight row
     grad = np.random.default_rng(0).standard_normal((len(label), 3))
-    status, result = run_kernels(kernels, data, weight, label, margin, grad, "float64")
+    status, result = run_kernels(kernels, data, weight, label, settings, grad, "float64")
     assert status == SUCCESS
     for key in ("out", "grad_data", "grad_weight"):
         assert np.all(np.isfinite(result[key]))
-    expected_data, expected_weight = spec.backward(data, weight, label, margin, 0.0, grad)
-    np.testing.assert_allclose(result["out"], spec.forward(data, weight, label, margin, 0.0), rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(result["grad_data"], expected_data, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(result["grad_weight"], expected_weight, rtol=1e-6, atol=1e-6)
+    want = spec_result(settings, data, weight, label, grad, "float64")
+    np.testing.assert_allclose(result["out"], want[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result["grad_data"], want[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result["grad_weight"], want[2], rtol=1e-6, atol=1e-6)
 
 
-def test_kernels_schedule_and_bad_label(kernels):
+def test_kernels_schedule_bad_label_and_bad_settings(kernels):
     data, weight, label = angle_clear_inputs(8, 5, 4, 2, seed=1)
     schedule = dict(beta=100.0, beta_min=0.0, scale=0.99, gamma=0.0, power=1.0)
-    status, result = run_kernels(kernels, data, weight, label, 2, np.ones((8, 4)), "float64",
-                                 step=460.0, **schedule)
+    settings = MarginSettings("lsoftmax", margin=2, **schedule)
+    status, result = run_kernels(kernels, data, weight, label, settings, np.ones((8, 4)), "float64", step=460.0)
     assert status == SUCCESS
     assert result["beta"] == pytest.approx(mx_lsoftmax.beta_at(460, **schedule), rel=1e-12)
     assert result["step"] == 461.0
     label[5] = 4
-    status, _ = run_kernels(kernels, data, weight, label, 2, np.ones((8, 4)), "float64")
+    status, _ = run_kernels(kernels, data, weight, label, settings, np.ones((8, 4)), "float64")
     assert status == 5
+    cupy = kernels.cupy
+    x = cupy.asarray(data)
+    status, _, _ = kernels.forward(x, cupy.asarray(weight), cupy.zeros((8,), cupy.int64), cupy.zeros((1,)),
+                                   b"kind=cosface;m1=2")
+    assert status == BAD_SETTINGS and "m1" in kernels.last_error()
 
 
 needs_mxnet_gpu = pytest.mark.skipif(mx.context.num_gpus() == 0, reason="MXNet has no GPU (CPU build or no device)")
@@ -110,3 +139,24 @@ def test_mxnet_gpu_context_matches_spec(margin):
     np.testing.assert_allclose(out.asnumpy(), spec.forward(data, weight, label, margin, 1.0), **TOLERANCE["float64"])
     np.testing.assert_allclose(x.grad.asnumpy(), expected_data, **TOLERANCE["float64"])
     np.testing.assert_allclose(w.grad.asnumpy(), expected_weight, **TOLERANCE["float64"])
+
+
+def test_c_entry_points_parse_settings_with_the_op_parser():
+    """The CuPy entry points take the settings as text through parse_settings, before any CUDA
+    call, so this runs without a GPU wherever `make cuda` has built the library."""
+    import ctypes
+    from mx_lsoftmax.support.cuda_harness import CUDA_LIBRARY, settings_text
+    if not os.path.exists(CUDA_LIBRARY):
+        if os.environ.get("CI") and shutil.which("nvcc"):
+            pytest.fail("CI has nvcc but the CUDA library is not built")
+        pytest.skip("the CUDA library is not built (run `make cuda`)")
+    library = ctypes.CDLL(CUDA_LIBRARY)
+    library.margin_softmax_last_error.restype = ctypes.c_char_p
+    forward = library.margin_softmax_forward_float64
+    forward.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+    for text, message in ((b"kind=cosface;m1=2", "kind cosface does not take the setting 'm1'"),
+                          (b"kind=arcface;s=0", "parameter s must be > 0, got 0"),
+                          (b"kind=sphereface;margin=2.5", "parameter margin must be an integer >= 1, got 2.5")):
+        assert forward(*([None] * 9), 1, 1, 1, text, None, None) == BAD_SETTINGS
+        assert message in library.margin_softmax_last_error().decode()
+    assert settings_text(MarginSettings("arcface", margin=0.4)).startswith(b"kind=arcface;")

@@ -38,7 +38,9 @@ class HarnessUnavailable(RuntimeError):
 
 
 def settings_text(settings):
-    """'name=value;...' of a MarginSettings (or a dict of them, kind included)."""
+    """'name=value;...' of a MarginSettings (or a dict of them, kind included); text passes as is."""
+    if isinstance(settings, (bytes, str)):
+        return settings.encode() if isinstance(settings, str) else settings
     if not isinstance(settings, MarginSettings):
         settings = MarginSettings(**settings)
     return ";".join(f"{name}={value}" for name, value in settings.as_attrs().items()).encode()
