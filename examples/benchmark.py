@@ -11,6 +11,11 @@ plain layer measured in the same rounds. Three settings:
   imperative  autograd on NDArrays: MXNet 1.9.1 allocates fresh CPU memory for
               every call, so first-touch page faults are part of the cost.
 
+The kinds section times every margin kind on both backends at the two large
+shapes, bound as Module binds, against FullyConnected and against the graph an
+MXNet user would write instead: insightface's margins from stock operators
+(L2Normalization of x and W, FullyConnected, pick, sqrt/arccos, where, one_hot).
+
 Besides the layer table: LeNet training samples/s per backend (the example's
 --json, batch 128 and 256; needs MNIST), and a GPU section timing the CUDA
 kernels against cuBLAS products through mx_lsoftmax.support.cuda_harness (needs CuPy,
@@ -113,6 +118,108 @@ def hybridized_runner(backend, rows, dims, classes, dtype, arrays, settings):
 
 
 RUNNERS = {"bound": bound_runner, "imperative": imperative_runner, "hybridized": hybridized_runner}
+
+KIND_SHAPES = [(256, 512, 10000), (256, 512, 100000)]
+STOCK_KINDS = ("cosface", "arcface", "combined")  # the kinds insightface writes from stock operators
+
+
+def insightface_symbol(kind, data, weight, label, classes, settings, dtype="float32"):
+    """insightface's margin heads as an MXNet user writes them from stock operators.
+
+    L2-normalised x (times s) and W, FullyConnected, the target logit picked and
+    modified, the difference added back through a one-hot matrix.
+    """
+    s = settings.s
+    x = mx.sym.L2Normalization(data, mode="instance") * s
+    w = mx.sym.L2Normalization(weight, mode="instance")
+    logits = mx.sym.FullyConnected(x, w, no_bias=True, num_hidden=classes)
+    target = mx.sym.pick(logits, label, axis=1)
+    cosine = target / s
+    if kind == "cosface":
+        new_target = target - s * settings.margin
+    elif kind == "arcface":
+        m = settings.margin
+        sine = mx.sym.sqrt(1.0 - cosine * cosine)
+        shifted = s * (cosine * np.cos(m) - sine * np.sin(m))
+        keep = mx.sym.Activation(cosine - np.cos(np.pi - m), act_type="relu") > 0  # insightface's guard
+        new_target = mx.sym.where(keep, shifted, target - s * np.sin(np.pi - m) * m)
+    else:
+        angle = mx.sym.arccos(cosine) * settings.m1 + settings.m2
+        new_target = s * (mx.sym.cos(angle) - settings.m3)
+    difference = mx.sym.expand_dims(new_target - target, axis=1)
+    return logits + mx.sym.broadcast_mul(mx.sym.one_hot(label, depth=classes, dtype=dtype), difference)
+
+
+def kind_runner(kind, backend, rows, dims, classes, dtype, arrays):
+    """A bound forward+backward (static memory, as Module) of one kind and backend;
+    backend 'stock' is ``insightface_symbol``, 'softmax' the plain FullyConnected."""
+    data, weight, label = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
+    settings = mx_lsoftmax.MarginSettings(kind)
+    if backend == "softmax":
+        graph = mx.sym.FullyConnected(data, weight, no_bias=True, num_hidden=classes)
+    elif backend == "stock":
+        graph = insightface_symbol(kind, data, weight, label, classes, settings, dtype)
+    else:
+        graph = mx_lsoftmax.margin_logits(data, weight, label, classes, kind, backend=backend)
+    shapes = {"data": (rows, dims), "weight": (classes, dims)}
+    if "label" in graph.list_arguments():
+        shapes["label"] = (rows,)
+    requests = {name: "null" if name in ("label",) else "write" for name in graph.list_arguments()}
+    executor = graph.simple_bind(mx.cpu(), grad_req=requests, type_dict={name: dtype for name in shapes},
+                                 **shapes)
+    for name, value in arrays.items():
+        if name in executor.arg_dict:
+            executor.arg_dict[name][:] = value
+    head = mx.nd.ones((rows, classes), dtype=dtype)
+
+    def run():
+        executor.forward(is_train=True)
+        executor.backward([head])
+        mx.nd.waitall()
+    run.executor = executor
+    return run
+
+
+def measure_kinds(shape, dtype, kinds, backends, rounds):
+    """Median ms per (kind, backend) and ratio to FullyConnected, alternating call by call.
+
+    One kind at a time (with FullyConnected in the same rounds) so that only a few
+    (C, D) weights and gradients are alive at once."""
+    rows, dims, classes = shape
+    arrays = random_arrays(shape, dtype)
+    results = []
+    for kind in kinds:
+        names = list(backends) + (["stock"] if kind in STOCK_KINDS else [])
+        runners = {name: kind_runner(kind, name, rows, dims, classes, dtype, arrays)
+                   for name in ["softmax"] + names}
+        for run in runners.values():
+            run()
+            run()
+        times = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        medians = {name: float(np.median(values)) * 1e3 for name, values in times.items()}
+        results.append({"shape": list(shape), "dtype": dtype, "kind": kind, "ms": medians,
+                        "ratio": {name: medians[name] / medians["softmax"] for name in names}})
+        print(f"{'x'.join(map(str, shape))} {kind}: " + ", ".join(
+            f"{name} {medians[name]:.1f} ms ({medians[name] / medians['softmax']:.3f}x)"
+            for name in names) + f", FullyConnected {medians['softmax']:.1f} ms", flush=True)
+        del runners
+    return results
+
+
+def kinds_table(results, backends):
+    names = list(backends) + ["stock"]
+    header = ("| N x D x C | kind | FullyConnected ms | " +
+              " | ".join(f"{'insightface stock ops' if n == 'stock' else n} ms (ratio)" for n in names) + " |")
+    lines = [header, "|" + "---|" * (3 + len(names))]
+    for r in results:
+        cells = " | ".join(f"{r['ms'][n]:.1f} ({r['ratio'][n]:.3f}x)" if n in r["ratio"] else "-" for n in names)
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['kind']} | {r['ms']['softmax']:.1f} | {cells} |")
+    return "\n".join(lines)
 
 
 def random_arrays(shape, dtype):
@@ -240,9 +347,8 @@ def gpu_measure(harness, shape, dtype, rounds, settings):
         return logits, grad @ w, grad.T @ x
 
     def layer():
-        status, logits, _, beta_used = harness.forward(x, w, label, step, **settings)
-        status_back, grad_data, grad_weight = harness.backward(grad, logits, x, w, label, beta_used,
-                                                               settings["margin"])
+        status, saved, _ = harness.forward(x, w, label, step, dict(kind="lsoftmax", **settings))
+        status_back, grad_data, grad_weight = harness.backward(grad, saved)
         if status != -1 or status_back != -1:
             raise RuntimeError(f"CUDA kernels failed: status {status}, {status_back}")
         return grad_data, grad_weight
@@ -276,7 +382,8 @@ def gpu_section(shapes, dtypes, rounds, settings):
     lines = [f"Device: {harness.device_name()}. Forward+backward, CUDA events, median of {rounds} "
              "alternating rounds; plain = the three cuBLAS products of a FullyConnected layer "
              "(x W^T, G W, G^T x), layer = the same products plus the margin_softmax_target kernels "
-             "(logits copy, target column, label check, step advance).", "",
+             "(norms, logits scaling, target column, label check, step advance), L-Softmax settings of the "
+             "layer table.", "",
              "| N x D x C | dtype | cuBLAS products ms | L-Softmax ms (ratio) |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['ms']['plain']:.3f} | "
@@ -287,8 +394,12 @@ def gpu_section(shapes, dtypes, rounds, settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--parts", nargs="*", default=["layer", "lenet", "gpu"],
-                        choices=["layer", "lenet", "gpu"], help="which sections to measure")
+    parser.add_argument("--parts", nargs="*", default=["layer", "kinds", "lenet", "gpu"],
+                        choices=["layer", "kinds", "lenet", "gpu"], help="which sections to measure")
+    parser.add_argument("--kinds", nargs="*", default=list(mx_lsoftmax.KINDS), choices=list(mx_lsoftmax.KINDS),
+                        help="kinds of the kinds section (each at its defaults)")
+    parser.add_argument("--kind-shapes", nargs="*", default=None,
+                        help="NxDxC shapes of the kinds section (default: 256x512x10000 256x512x100000)")
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="NxDxC shapes (default: the five of docs/benchmarks.md)")
     parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
@@ -352,6 +463,26 @@ NDArrays, where MXNet 1.9.1 allocates fresh CPU memory on every call, as it also
 hybridized without static memory (see [performance.md](performance.md)).
 
 {table(results, backends)}
+""")
+
+    if "kinds" in arguments.parts:
+        kind_shapes = ([tuple(int(v) for v in s.split("x")) for s in arguments.kind_shapes]
+                       if arguments.kind_shapes else KIND_SHAPES)
+        rounds = max(3, arguments.rounds // 3)
+        results = []
+        for shape in kind_shapes:
+            results += measure_kinds(shape, "float32", arguments.kinds, backends, rounds)
+        raw["kinds"] = results
+        sections.append(f"""## Every kind against FullyConnected and against stock MXNet operators
+
+Forward+backward, float32, each kind at its defaults (`mx_lsoftmax.KINDS`), every graph bound once
+with static memory (`simple_bind`, as Module trains); median of {rounds} rounds alternating with
+FullyConnected call by call. "insightface stock ops" is the graph an MXNet user writes instead:
+L2Normalization of x (times s) and of W, FullyConnected, pick, sqrt / arccos, where, one_hot
+(`insightface_symbol` in examples/benchmark.py; its output equals the layer's, see
+tests/test_lsoftmax_benchmark.py).
+
+{kinds_table(results, backends)}
 """)
 
     if "lenet" in arguments.parts:

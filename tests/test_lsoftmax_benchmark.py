@@ -85,3 +85,37 @@ def test_profile_names_the_library_op(tmp_path):
     assert "== 16x8x5 float32 bound compiled, 5 calls" in text
     compiled_part = text.split("bound compiled, 5 calls")[1]
     assert "margin_softmax_target" in compiled_part and "FullyConnected" in compiled_part
+
+
+@pytest.mark.parametrize("kind", ["cosface", "arcface", "combined"])
+def test_stock_operator_baseline_equals_the_layer(kind):
+    """The benchmark's insightface-style graph is an independent implementation: its forward
+    equals the layer's (float64), so the speed comparison compares like with like."""
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd
+
+    import mx_lsoftmax
+    from conftest import kind_inputs, nd
+    benchmark = load_example("benchmark")
+    settings = mx_lsoftmax.MarginSettings(kind)
+    data, weight, label = kind_inputs(kind, settings.values, 12, 6, 5, seed=4)
+    graph = benchmark.insightface_symbol(kind, mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"),
+                                         5, settings, "float64")
+    stock = graph.bind(mx.cpu(), {"data": nd(data), "weight": nd(weight), "label": nd(label, "float64")})
+    with autograd.record():
+        layer = mx_lsoftmax.margin_logits(nd(data), nd(weight), nd(label), 5, kind, backend="python")
+    np.testing.assert_allclose(stock.forward(is_train=True)[0].asnumpy(), layer.asnumpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_kinds_section_on_a_tiny_shape(tmp_path):
+    benchmark = load_example("benchmark")
+    raw = benchmark.main(["--parts", "kinds", "--kind-shapes", "16x8x5", "--kinds", "lsoftmax", "arcface",
+                          "--rounds", "3", "--backends", "python", "--write", str(tmp_path / "k.md")])
+    kinds = {result["kind"]: result for result in raw["kinds"]}
+    assert set(kinds) == {"lsoftmax", "arcface"}
+    assert "stock" in kinds["arcface"]["ratio"] and "stock" not in kinds["lsoftmax"]["ratio"]
+    assert kinds["arcface"]["ratio"]["stock"] == pytest.approx(
+        kinds["arcface"]["ms"]["stock"] / kinds["arcface"]["ms"]["softmax"])
+    text = (tmp_path / "k.md").read_text()
+    assert "| 16x8x5 | arcface |" in text and "| 16x8x5 | lsoftmax |" in text
