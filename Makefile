@@ -23,7 +23,7 @@ HEADERS       := src/operator/margin_softmax-inl.h src/operator/margin_softmax-g
 # Found from the installed package, never hard-coded.
 MXNET_INCLUDE  = $(shell $(PYTHON) -c "import mxnet.libinfo as l; print(l.find_include_path())" 2>/dev/null)
 MXNET_LIB_API  = $(abspath $(MXNET_INCLUDE)/../src/lib_api.cc)
-CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -Wall -Wno-unused-function
+CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -pthread -Wall -Wno-unused-function
 
 # The project's MNIST copy when this checkout sits beside ../shared (as in CI).
 MNIST_DIR     ?= $(abspath $(wildcard ../shared/data/mnist))

@@ -33,7 +33,7 @@ class BuildPyWithLibrary(build_py):
             sys.stderr.write("mx-lsoftmax: mxnet not found at build time; the compiled op is not built\n")
             return
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        command = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared",
+        command = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-pthread", "-shared",
                    f"-I{include}", f"-I{os.path.dirname(SOURCE)}", SOURCE,
                    os.path.join(include, "..", "src", "lib_api.cc"), "-o", target]
         try:

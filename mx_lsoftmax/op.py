@@ -87,6 +87,32 @@ def target_column(settings, f, norm_x, norm_w, beta, floor):
     )
 
 
+def row_norms(rows):
+    """|v| of every row of a (K, D) array, float64 (K,).
+
+    Sums of squares by batch_dot (BLAS; twice as fast as MXNet's norm here); rows
+    whose sum overflows or underflows the data's dtype are recomputed with
+    MXNet's norm, which scales as BLAS nrm2 does.
+    """
+    count, dims = rows.shape
+    squares = mx.nd.batch_dot(rows.reshape((count, 1, dims)), rows.reshape((count, dims, 1))).reshape((count,))
+    host = squares.asnumpy()
+    tiny = np.finfo(host.dtype).tiny / np.finfo(host.dtype).eps
+    if np.all(np.isfinite(host) & ((host == 0) | (host > tiny))):
+        return mx.nd.sqrt(squares.astype("float64"))
+    return mx.nd.norm(rows, axis=1).astype("float64")
+
+
+def row_sums(matrix):
+    """sum over axis 1 of a (N, C) array by a BLAS product (MXNet's sum reduces slowly)."""
+    return mx.nd.dot(matrix, mx.nd.ones((matrix.shape[1], 1), ctx=matrix.context, dtype=matrix.dtype)).reshape((-1,))
+
+
+def column_sums(matrix):
+    """sum over axis 0 of a (N, C) array by a BLAS product."""
+    return mx.nd.dot(mx.nd.ones((1, matrix.shape[0]), ctx=matrix.context, dtype=matrix.dtype), matrix).reshape((-1,))
+
+
 def sum_by_class(values, host_labels, context):
     """Per-class sums of the rows of ``values`` (N, K): (class indices (U,), sums (U, K)).
 
@@ -125,9 +151,9 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         normalised = row.normalise_features or row.normalise_weights
         saved = dict(normalised=normalised, target=None)
         if normalised or is_train:
-            saved["norm_x"] = mx.nd.norm(data, axis=1).astype("float64")  # MXNet's norm is scaled: no overflow
+            saved["norm_x"] = row_norms(data)
         if normalised:
-            saved["norm_all_w"] = mx.nd.norm(weight, axis=1).astype("float64")
+            saved["norm_all_w"] = row_norms(weight)
         if is_train:
             saved["target"] = self._target(data, weight, label, logits, aux[0], saved)
         if normalised:
@@ -135,9 +161,11 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             ones = mx.nd.ones_like
             rho = _inverse_or_zero(saved["norm_x"], s) if row.normalise_features else ones(saved["norm_x"])
             kappa = _inverse_or_zero(saved["norm_all_w"]) if row.normalise_weights else ones(saved["norm_all_w"])
-            saved["rho_column"] = rho.astype(dtype).reshape((-1, 1))
-            saved["kappa_row"] = kappa.astype(dtype).reshape((1, -1))
-            mx.nd.broadcast_mul(mx.nd.broadcast_mul(logits, saved["rho_column"]), saved["kappa_row"], out=logits)
+            # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
+            # multiplications over (N, C) cost 2-3 times a plain element-wise one.
+            saved["factors"] = mx.nd.broadcast_mul(rho.astype(dtype).reshape((-1, 1)),
+                                                   kappa.astype(dtype).reshape((1, -1)))
+            mx.nd.elemwise_mul(logits, saved["factors"], out=logits)
         if is_train:
             target = saved["target"]
             logits[target["rows"], target["label_index"]] = target["o"].astype(dtype)
@@ -197,8 +225,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if target is not None:
             g = mx.nd.pick(grad_output, target["label_index"], axis=1).astype("float64")
         if saved["normalised"]:
-            product_grad = mx.nd.broadcast_mul(mx.nd.broadcast_mul(grad_output, saved["rho_column"]),
-                                               saved["kappa_row"])
+            product_grad = grad_output * saved["factors"]
             if target is not None:
                 product_grad[target["rows"], target["label_index"]] = (g * target["d_f"]).astype(dtype)
             weighted = grad_output * out_data[0]  # G_ij o_ij: S_i and T_j of (K8)
@@ -209,7 +236,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
 
         along_x = g * target["p"] if target is not None else mx.nd.zeros_like(saved["norm_x"])
         if saved["normalised"] and row.normalise_features:
-            along_x = along_x - mx.nd.sum(weighted, axis=1).astype("float64") * _inverse_or_zero(saved["norm_x"])
+            along_x = along_x - row_sums(weighted).astype("float64") * _inverse_or_zero(saved["norm_x"])
         if target is not None or row.normalise_features:
             coefficient_x = (along_x * _inverse_or_zero(saved["norm_x"])).astype(dtype).expand_dims(1)
             grad_data += coefficient_x * data
@@ -220,7 +247,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             coefficient_w = mx.nd.zeros_like(saved["norm_all_w"])
             if row.normalise_weights:
                 inverse_w = _inverse_or_zero(saved["norm_all_w"])
-                coefficient_w = -mx.nd.sum(weighted, axis=0).astype("float64") * inverse_w * inverse_w
+                coefficient_w = -column_sums(weighted).astype("float64") * inverse_w * inverse_w
             if target is not None:
                 classes, per_class = sum_by_class(per_sample_q.expand_dims(1), target["host_labels"],
                                                   data.context)

@@ -26,7 +26,11 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -351,11 +355,122 @@ void zero_tensor_cpu(std::vector<MXTensor>* tensors, int index) {
   std::memset(tensor.data_ptr, 0, tensor.size() * dtype_size(tensor.dtype));
 }
 
-// kappa_j for every class (K1), from the weight norms.
-std::vector<double> weight_factors(const Settings& p, const double* weight_norm, int64_t classes) {
-  std::vector<double> kappa(classes);
-  for (int64_t j = 0; j < classes; ++j) kappa[j] = weight_factor(p, weight_norm[j]);
-  return kappa;
+/*!
+ * \brief body(begin, end) over [0, count) split across the machine's cores.
+ *
+ * The op's passes are memory-bound loops over (N, C) and (C, D) arrays that
+ * MXNet's engine gives one worker thread; FullyConnected beside them uses every
+ * core, so the op does too. Threads are started per pass (tens of microseconds
+ * against milliseconds of work); small passes run inline.
+ */
+template <typename Body>
+void parallel_for(int64_t count, int64_t work_per_item, Body body) {
+  static const int threads = [] {
+    const char* limit = std::getenv("OMP_NUM_THREADS");
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    const int wanted = limit && std::atoi(limit) > 0 ? std::atoi(limit) : cores;
+    return wanted > 0 ? wanted : 1;
+  }();
+  const int used = static_cast<int>(std::min<int64_t>(threads, count));
+  if (used <= 1 || count * work_per_item < (int64_t(1) << 16)) {
+    body(int64_t(0), count);
+    return;
+  }
+  std::vector<std::thread> workers;
+  const int64_t chunk = (count + used - 1) / used;
+  for (int t = 1; t < used; ++t) {
+    const int64_t begin = t * chunk, end = std::min(count, begin + chunk);
+    if (begin < end) workers.emplace_back(body, begin, end);
+  }
+  body(int64_t(0), std::min(count, chunk));
+  for (std::thread& worker : workers) worker.join();
+}
+
+/*!
+ * \brief rho_i and kappa_j (K1) in the arithmetic A of the (N, C) passes.
+ *
+ * A is the data's type when every factor is finite in it, so float32 passes
+ * vectorise; a norm below ~1e-37 makes s / |x| overflow float, and then the
+ * passes run in double (the per-row math always does).
+ */
+template <typename A>
+bool scale_factors(const Settings& p, const double* data_norm, const double* weight_norm,
+                   int64_t rows, int64_t classes, std::vector<A>* rho, std::vector<A>* kappa) {
+  rho->resize(rows);
+  kappa->resize(classes);
+  bool finite = true;
+  for (int64_t i = 0; i < rows; ++i) {
+    (*rho)[i] = static_cast<A>(feature_factor(p, data_norm[i]));
+    finite = finite && std::isfinite((*rho)[i]);
+  }
+  for (int64_t j = 0; j < classes; ++j) {
+    (*kappa)[j] = static_cast<A>(weight_factor(p, weight_norm[j]));
+    finite = finite && std::isfinite((*kappa)[j]);
+  }
+  return finite;
+}
+
+// out_ij = f_ij rho_i kappa_j (K2), rows split across threads.
+template <typename T, typename A>
+void scale_logits(const T* logits, T* out, const std::vector<A>& rho, const std::vector<A>& kappa,
+                  int64_t rows, int64_t classes) {
+  parallel_for(rows, classes, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const A r = rho[i];
+      const T* f = logits + i * classes;
+      T* o = out + i * classes;
+      for (int64_t j = 0; j < classes; ++j) o[j] = static_cast<T>(f[j] * r * kappa[j]);
+    }
+  });
+}
+
+// G' = G rho kappa off the target column, S_i = sum_j G_ij o_ij and T_j = sum_i G_ij o_ij (K8).
+// Each thread sums its rows' T_j into its own vector; the vectors are added at the end.
+template <typename T, typename A>
+void scale_gradient(const T* grad_output, const T* output, T* grad_logits, const std::vector<A>& rho,
+                    const std::vector<A>& kappa, int64_t rows, int64_t classes,
+                    std::vector<double>* row_sum, std::vector<double>* column_sum) {
+  std::mutex merge;
+  parallel_for(rows, classes, [&](int64_t begin, int64_t end) {
+    std::vector<A> columns(classes, A(0));
+    for (int64_t i = begin; i < end; ++i) {
+      const A r = rho[i];
+      const T* g = grad_output + i * classes;
+      const T* o = output + i * classes;
+      T* g_prime = grad_logits + i * classes;
+      A sum = 0;
+      for (int64_t j = 0; j < classes; ++j) {
+        g_prime[j] = static_cast<T>(g[j] * r * kappa[j]);
+        const A weighted = static_cast<A>(g[j]) * o[j];
+        sum += weighted;
+        columns[j] += weighted;
+      }
+      (*row_sum)[i] = sum;
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t j = 0; j < classes; ++j) (*column_sum)[j] += columns[j];
+  });
+}
+
+// out[r, :] = coefficient[r] * rows[r, :]: the norm paths P_i x_i / a_i and Q_j w_j / b_j.
+template <typename T>
+void scale_rows(const T* rows, const std::vector<double>& coefficient, T* out, int64_t count,
+                int64_t dims) {
+  parallel_for(count, dims, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T c = static_cast<T>(coefficient[r]);
+      const T* in = rows + r * dims;
+      T* o = out + r * dims;
+      for (int64_t d = 0; d < dims; ++d) o[d] = c * in[d];
+    }
+  });
+}
+
+template <typename T>
+void row_norms(const T* rows, int64_t count, int64_t dims, double* norms) {
+  parallel_for(count, dims, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) norms[r] = row_norm(rows + r * dims, dims);
+  });
 }
 
 template <typename T>
@@ -372,9 +487,9 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   double* data_norm = (*outputs)[kDataNorm].data<double>();
   double* weight_norm = (*outputs)[kWeightNorm].data<double>();
   const double beta = beta_at(p, static_cast<double>(step[0]));
-  for (int64_t i = 0; i < s.rows; ++i) data_norm[i] = row_norm(data + i * s.dims, s.dims);
+  row_norms(data, s.rows, s.dims, data_norm);
   if (p.normalise_weights) {
-    for (int64_t j = 0; j < s.classes; ++j) weight_norm[j] = row_norm(weight + j * s.dims, s.dims);
+    row_norms(weight, s.classes, s.dims, weight_norm);
   } else {
     std::memset(weight_norm, 0, sizeof(double) * s.classes);
     for (int64_t i = 0; i < s.rows; ++i) {
@@ -383,12 +498,13 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   }
   prefer_huge_pages(out, sizeof(T) * s.rows * s.classes);
   if (p.normalise_features || p.normalise_weights) {
-    const std::vector<double> kappa = weight_factors(p, weight_norm, s.classes);
-    for (int64_t i = 0; i < s.rows; ++i) {
-      const double rho = feature_factor(p, data_norm[i]);
-      const T* f = logits + i * s.classes;
-      T* o = out + i * s.classes;
-      for (int64_t j = 0; j < s.classes; ++j) o[j] = static_cast<T>(f[j] * rho * kappa[j]);
+    std::vector<T> rho, kappa;
+    if (scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho, &kappa)) {
+      scale_logits(logits, out, rho, kappa, s.rows, s.classes);
+    } else {
+      std::vector<double> rho64, kappa64;
+      scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho64, &kappa64);
+      scale_logits(logits, out, rho64, kappa64, s.rows, s.classes);
     }
   } else {
     std::memcpy(out, logits, sizeof(T) * s.rows * s.classes);
@@ -426,53 +542,41 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   prefer_huge_pages(grad_logits, sizeof(T) * s.rows * s.classes);
   prefer_huge_pages(grad_weight, sizeof(T) * s.classes * s.dims);
 
-  // Row sums S_i and column sums T_j of G o (K8), and G' off the target column.
   std::vector<double> row_sum(s.rows, 0.0), along_weight(s.classes, 0.0);
   if (p.normalise_features || p.normalise_weights) {
-    const std::vector<double> kappa = weight_factors(p, weight_norm, s.classes);
-    for (int64_t i = 0; i < s.rows; ++i) {
-      const double rho = feature_factor(p, data_norm[i]);
-      const T* g = grad_output + i * s.classes;
-      const T* o = output + i * s.classes;
-      T* g_prime = grad_logits + i * s.classes;
-      double sum = 0.0;
-      for (int64_t j = 0; j < s.classes; ++j) {
-        g_prime[j] = static_cast<T>(g[j] * rho * kappa[j]);
-        const double weighted = static_cast<double>(g[j]) * o[j];
-        sum += weighted;
-        along_weight[j] += weighted;
-      }
-      row_sum[i] = sum;
+    std::vector<T> rho, kappa;
+    if (scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho, &kappa)) {
+      scale_gradient(grad_output, output, grad_logits, rho, kappa, s.rows, s.classes, &row_sum,
+                     &along_weight);
+    } else {
+      std::vector<double> rho64, kappa64;
+      scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho64, &kappa64);
+      scale_gradient(grad_output, output, grad_logits, rho64, kappa64, s.rows, s.classes, &row_sum,
+                     &along_weight);
     }
-    for (int64_t j = 0; j < s.classes; ++j) {
-      const double inverse = p.normalise_weights ? kappa[j] : 0.0;  // 1 / b_j, or 0
+    for (int64_t j = 0; j < s.classes; ++j) {  // Q_j / b_j starts at -T_j / b_j^2
+      const double inverse = p.normalise_weights ? weight_factor(p, weight_norm[j]) : 0.0;
       along_weight[j] = -along_weight[j] * inverse * inverse;
     }
   } else {
     std::memcpy(grad_logits, grad_output, sizeof(T) * s.rows * s.classes);
   }
   const double floor = angle_floor<T>();
+  std::vector<double> along_data(s.rows, 0.0);
   for (int64_t i = 0; i < s.rows; ++i) {
     const int64_t y = labels[i];
     const double a = data_norm[i], b = weight_norm[y];
     const double g = grad_output[i * s.classes + y];
     const TargetColumn column = target_column(p, logits[i * s.classes + y], a, b, beta, floor);
     grad_logits[i * s.classes + y] = static_cast<T>(g * column.d_f);
-    const double along_data =
+    const double along =
         (p.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
-    const double coefficient = a > 0.0 ? along_data / a : 0.0;
-    for (int64_t d = 0; d < s.dims; ++d) {
-      grad_data[i * s.dims + d] = static_cast<T>(coefficient * data[i * s.dims + d]);
-    }
+    along_data[i] = a > 0.0 ? along / a : 0.0;
     // Only the sample's own class: a non-finite row reaches no other class's gradient.
     if (b > 0.0) along_weight[y] += g * column.q / b;
   }
-  for (int64_t j = 0; j < s.classes; ++j) {
-    const double coefficient = along_weight[j];
-    const T* w = weight + j * s.dims;
-    T* out = grad_weight + j * s.dims;
-    for (int64_t d = 0; d < s.dims; ++d) out[d] = static_cast<T>(coefficient * w[d]);
-  }
+  scale_rows(data, along_data, grad_data, s.rows, s.dims);
+  scale_rows(weight, along_weight, grad_weight, s.classes, s.dims);
   zero_tensor_cpu(outputs, kLabel);
   zero_tensor_cpu(outputs, kStep);
   return MX_SUCCESS;
