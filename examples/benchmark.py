@@ -192,9 +192,9 @@ def measure_kinds(shape, dtype, kinds, backends, rounds):
         names = list(backends) + (["stock"] if kind in STOCK_KINDS else [])
         runners = {name: kind_runner(kind, name, rows, dims, classes, dtype, arrays)
                    for name in ["softmax"] + names}
-        for run in runners.values():
-            run()
-            run()
+        for _ in range(3):  # warm-up: allocation, oneDNN primitives, first-touch pages
+            for run in runners.values():
+                run()
         times = {name: [] for name in runners}
         for _ in range(rounds):
             for name, run in runners.items():
@@ -468,15 +468,16 @@ hybridized without static memory (see [performance.md](performance.md)).
     if "kinds" in arguments.parts:
         kind_shapes = ([tuple(int(v) for v in s.split("x")) for s in arguments.kind_shapes]
                        if arguments.kind_shapes else KIND_SHAPES)
-        rounds = max(3, arguments.rounds // 3)
         results = []
         for shape in kind_shapes:
+            rounds = max(5, arguments.rounds // 2) if shape[2] >= 100000 else arguments.rounds
             results += measure_kinds(shape, "float32", arguments.kinds, backends, rounds)
         raw["kinds"] = results
         sections.append(f"""## Every kind against FullyConnected and against stock MXNet operators
 
 Forward+backward, float32, each kind at its defaults (`mx_lsoftmax.KINDS`), every graph bound once
-with static memory (`simple_bind`, as Module trains); median of {rounds} rounds alternating with
+with static memory (`simple_bind`, as Module trains); median of {arguments.rounds} rounds ({max(5, arguments.rounds // 2)} at
+C = 100000), alternating with
 FullyConnected call by call. "insightface stock ops" is the graph an MXNet user writes instead:
 L2Normalization of x (times s) and of W, FullyConnected, pick, sqrt / arccos, where, one_hot
 (`insightface_symbol` in examples/benchmark.py; its output equals the layer's, see

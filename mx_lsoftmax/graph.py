@@ -19,8 +19,12 @@ def _normalised_rows(F, rows, scale=None):
     MXNet without mx_lsoftmax.
     """
     norms = F.norm(rows, axis=1, keepdims=True)
-    unit = F.broadcast_div(rows, norms + (norms == 0))
-    return unit * scale if scale is not None else unit
+    inverse = 1.0 / (norms + (norms == 0))
+    if scale is not None:
+        inverse = inverse * scale
+    # A same-shape product, not broadcast_div: shape inference then runs both ways, so a
+    # weight variable without a declared shape gets it from FullyConnected.
+    return F.elemwise_mul(rows, F.broadcast_like(inverse, rows))
 
 
 def build(F, data, weight, label, step, num_classes, settings, backend, name):

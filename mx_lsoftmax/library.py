@@ -3,8 +3,8 @@
 ``make`` builds ``mx_lsoftmax/lib/liblsoftmax.so`` (CPU) and ``make cuda``
 ``mx_lsoftmax/lib/liblsoftmax_cuda.so`` (CPU + GPU); ``pip install .`` builds
 the CPU one into the installed package. ``$MX_LSOFTMAX_LIBRARY`` overrides
-the search. Loading registers ``mx.nd.lsoftmax_target`` and
-``mx.sym.lsoftmax_target``.
+the search. Loading registers ``mx.nd.margin_softmax_target`` and
+``mx.sym.margin_softmax_target`` (every kind).
 """
 import os
 import threading
