@@ -98,9 +98,24 @@ def row_norms(rows):
     squares = mx.nd.batch_dot(rows.reshape((count, 1, dims)), rows.reshape((count, dims, 1))).reshape((count,))
     host = squares.asnumpy()
     tiny = np.finfo(host.dtype).tiny / np.finfo(host.dtype).eps
-    if np.all(np.isfinite(host) & ((host == 0) | (host > tiny))):
+    if np.all(np.isfinite(host) & (host > tiny)):  # 0 may be an underflow: a zero row takes the fallback
         return mx.nd.sqrt(squares.astype("float64"))
     return mx.nd.norm(rows, axis=1).astype("float64")
+
+
+def scale_rows(rows, coefficient):
+    """coefficient[r] * rows[r] in the rows' dtype, (K, D).
+
+    A coefficient such as P_i / |x_i| can leave float32 (|x| = 1e-22 gives 6e45) while its
+    product with the row, of length |x|, does not: then the product is taken in float64.
+    """
+    dtype = np.dtype(rows.dtype)
+    host = np.abs(coefficient.asnumpy())
+    nonzero = host[host > 0]
+    info = np.finfo(dtype)
+    if nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny):
+        return mx.nd.broadcast_mul(rows, coefficient.astype(dtype).reshape((-1, 1)))
+    return mx.nd.broadcast_mul(rows.astype("float64"), coefficient.reshape((-1, 1))).astype(dtype)
 
 
 def row_sums(matrix):
@@ -238,8 +253,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if saved["normalised"] and row.normalise_features:
             along_x = along_x - row_sums(weighted).astype("float64") * _inverse_or_zero(saved["norm_x"])
         if target is not None or row.normalise_features:
-            coefficient_x = (along_x * _inverse_or_zero(saved["norm_x"])).astype(dtype).expand_dims(1)
-            grad_data += coefficient_x * data
+            grad_data += scale_rows(data, along_x * _inverse_or_zero(saved["norm_x"]))
         if target is not None:
             per_sample_q = g * target["q"] * _inverse_or_zero(target["norm_w"])  # g q_i / |w_y|
         if saved["normalised"]:
@@ -252,12 +266,15 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
                 classes, per_class = sum_by_class(per_sample_q.expand_dims(1), target["host_labels"],
                                                   data.context)
                 coefficient_w[classes] = mx.nd.take(coefficient_w, classes) + per_class.reshape((-1,))
-            grad_weight += mx.nd.broadcast_mul(weight, coefficient_w.astype(dtype).reshape((-1, 1)))
+            grad_weight += scale_rows(weight, coefficient_w)
         elif target is not None:
-            through_f = (g * (target["d_f"] - 1)).astype(dtype).expand_dims(1)
-            grad_data += through_f * target["w_y"]
-            row_updates = through_f * data + per_sample_q.astype(dtype).expand_dims(1) * target["w_y"]
+            through_f = g * (target["d_f"] - 1)
+            grad_data += scale_rows(target["w_y"], through_f)
+            # O(N D) in float64: q / |w_y| and |x| can be 1e-40 and 1e20 apart in float32.
+            row_updates = (scale_rows(data.astype("float64"), through_f) +
+                           scale_rows(target["w_y"].astype("float64"), per_sample_q))
             classes, per_class = sum_by_class(row_updates, target["host_labels"], data.context)
+            per_class = per_class.astype(dtype)
             grad_weight[classes] = mx.nd.take(grad_weight, classes) + per_class
         if req[0] != "write":
             self.assign(in_grad[0], req[0], grad_data)

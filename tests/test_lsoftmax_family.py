@@ -342,3 +342,27 @@ def test_module_fit_with_custom_symbol_and_compiled_graph(kind):
         results.append(args["head_weight"].asnumpy())
     if len(results) == 2:
         np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_x, norm_w", [(3.46e20, 1.0), (1e-20, 1e20), (1e-22, 1.0), (1e19, 1e19)])
+@pytest.mark.parametrize("case", ["lsoftmax-m4", "sphereface-m4", "arcface"])
+def test_float32_extreme_norms_stay_finite_and_right(backend, case, norm_x, norm_w):
+    """Rows whose squared norm overflows or underflows float32 (|x| = 3.46e20, |x| = 1e-22,
+    |w_y| / |x| = 1e40): the norms are computed without overflow, the per-row math in float64."""
+    kind, settings = case_settings(case, beta=0.0)
+    rng = np.random.default_rng(6)
+    direction_x, direction_w = rng.standard_normal(15), rng.standard_normal((2, 15))
+    data = (norm_x * direction_x / np.linalg.norm(direction_x))[None, :]
+    weight = norm_w * direction_w / np.linalg.norm(direction_w, axis=1, keepdims=True)
+    label, grad = np.array([0]), np.array([[1.0, 0.5]])
+    if not np.all(np.isfinite(data @ weight.T)) or np.abs(data @ weight.T).max() > 1e30:
+        pytest.skip("the plain products themselves leave float32")
+    out, grad_data, grad_weight = run_layer(backend, kind, settings, data.astype("float32"),
+                                            weight.astype("float32"), label, grad.astype("float32"))
+    want = expected(kind, settings, data.astype("float32").astype(np.float64),
+                    weight.astype("float32").astype(np.float64), label, grad,
+                    float(np.sqrt(np.finfo(np.float32).eps)))
+    for got, reference in zip((out, grad_data, grad_weight), want):
+        assert np.all(np.isfinite(got))
+        scale = float(np.abs(reference).max())
+        np.testing.assert_allclose(got / scale, reference / scale, rtol=1e-4, atol=1e-4)

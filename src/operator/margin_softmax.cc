@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <sstream>
@@ -463,14 +464,19 @@ void scale_rows(const T* rows, const std::vector<double>& coefficient, T* out, i
                 int64_t dims) {
   parallel_for(count, dims, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T c = static_cast<T>(coefficient[r]);
+      const double exact = coefficient[r];
+      const T c = static_cast<T>(exact);
       T* o = out + r * dims;
-      if (c == T(0)) {  // every class outside the batch, for lsoftmax: no need to read the row
-        std::memset(o, 0, sizeof(T) * dims);
-        continue;
-      }
       const T* in = rows + r * dims;
-      for (int64_t d = 0; d < dims; ++d) o[d] = c * in[d];
+      if (exact == 0.0) {  // every class outside the batch, for lsoftmax: no need to read the row
+        std::memset(o, 0, sizeof(T) * dims);
+      } else if (std::isfinite(c) && std::fabs(c) >= std::numeric_limits<T>::min()) {
+        for (int64_t d = 0; d < dims; ++d) o[d] = c * in[d];
+      } else {
+        // P_i / |x_i| can leave float32 (|x| = 1e-22: 6e45) while its product with the row,
+        // of length |x|, does not: such rows are scaled in float64.
+        for (int64_t d = 0; d < dims; ++d) o[d] = static_cast<T>(exact * static_cast<double>(in[d]));
+      }
     }
   });
 }
