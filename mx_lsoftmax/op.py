@@ -103,6 +103,11 @@ def row_norms(rows):
     return mx.nd.norm(rows, axis=1).astype("float64")
 
 
+def scale_rows_exact(rows, coefficient):
+    """coefficient[r] * rows[r] taken in float64, for (N, D)-sized arrays: no host check."""
+    return mx.nd.broadcast_mul(rows.astype("float64"), coefficient.reshape((-1, 1))).astype(rows.dtype)
+
+
 def scale_rows(rows, coefficient):
     """coefficient[r] * rows[r] in the rows' dtype, (K, D).
 
@@ -166,7 +171,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         normalised = row.normalise_features or row.normalise_weights
         saved = dict(normalised=normalised, target=None)
         if normalised or is_train:
-            saved["norm_x"] = row_norms(data)
+            # (N, D) is small: MXNet's scaled norm, without row_norms' host check (a sync).
+            saved["norm_x"] = mx.nd.norm(data, axis=1).astype("float64")
         if normalised:
             saved["norm_all_w"] = row_norms(weight)
         if is_train:
@@ -253,7 +259,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if saved["normalised"] and row.normalise_features:
             along_x = along_x - row_sums(weighted).astype("float64") * _inverse_or_zero(saved["norm_x"])
         if target is not None or row.normalise_features:
-            grad_data += scale_rows(data, along_x * _inverse_or_zero(saved["norm_x"]))
+            grad_data += scale_rows_exact(data, along_x * _inverse_or_zero(saved["norm_x"]))
         if target is not None:
             per_sample_q = g * target["q"] * _inverse_or_zero(target["norm_w"])  # g q_i / |w_y|
         if saved["normalised"]:
@@ -269,10 +275,10 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             grad_weight += scale_rows(weight, coefficient_w)
         elif target is not None:
             through_f = g * (target["d_f"] - 1)
-            grad_data += scale_rows(target["w_y"], through_f)
+            grad_data += scale_rows_exact(target["w_y"], through_f)
             # O(N D) in float64: q / |w_y| and |x| can be 1e-40 and 1e20 apart in float32.
-            row_updates = (scale_rows(data.astype("float64"), through_f) +
-                           scale_rows(target["w_y"].astype("float64"), per_sample_q))
+            row_updates = (mx.nd.broadcast_mul(data.astype("float64"), through_f.reshape((-1, 1))) +
+                           mx.nd.broadcast_mul(target["w_y"].astype("float64"), per_sample_q.reshape((-1, 1))))
             classes, per_class = sum_by_class(row_updates, target["host_labels"], data.context)
             per_class = per_class.astype(dtype)
             grad_weight[classes] = mx.nd.take(grad_weight, classes) + per_class
