@@ -66,7 +66,7 @@ test: install
 
 demo: install
 	$(PYTHON) examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 \
-	    --epochs 5 --plot docs/figures/demo_features.png --json build/demo.json
+	    --epochs 5 --plot build/demo_features.png --json build/demo.json
 
 bench: install
 	$(PYTHON) examples/benchmark.py --write docs/benchmarks.md
