@@ -344,7 +344,7 @@ def test_module_fit_with_custom_symbol_and_compiled_graph(kind):
         np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("norm_x, norm_w", [(3.46e20, 1.0), (1e-20, 1e20), (1e-22, 1.0), (1e19, 1e19)])
+@pytest.mark.parametrize("norm_x, norm_w", [(3.46e20, 1.0), (1e-20, 1e20), (1e-22, 1.0), (1e-15, 1e-15)])
 @pytest.mark.parametrize("case", ["lsoftmax-m4", "sphereface-m4", "arcface"])
 def test_float32_extreme_norms_stay_finite_and_right(backend, case, norm_x, norm_w):
     """Rows whose squared norm overflows or underflows float32 (|x| = 3.46e20, |x| = 1e-22,
@@ -355,8 +355,7 @@ def test_float32_extreme_norms_stay_finite_and_right(backend, case, norm_x, norm
     data = (norm_x * direction_x / np.linalg.norm(direction_x))[None, :]
     weight = norm_w * direction_w / np.linalg.norm(direction_w, axis=1, keepdims=True)
     label, grad = np.array([0]), np.array([[1.0, 0.5]])
-    if not np.all(np.isfinite(data @ weight.T)) or np.abs(data @ weight.T).max() > 1e30:
-        pytest.skip("the plain products themselves leave float32")
+    assert np.abs(data @ weight.T).max() < 1e30  # the plain products stay inside float32
     out, grad_data, grad_weight = run_layer(backend, kind, settings, data.astype("float32"),
                                             weight.astype("float32"), label, grad.astype("float32"))
     want = expected(kind, settings, data.astype("float32").astype(np.float64),
