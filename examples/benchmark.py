@@ -52,12 +52,8 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bound_runner(backend, rows, dims, classes, dtype, arrays, settings):
-    data, weight, label = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
-    if backend == "softmax":
-        graph = mx.sym.FullyConnected(data, weight, no_bias=True, num_hidden=classes)
-    else:
-        graph = mx_lsoftmax.lsoftmax(data, weight, label, classes, backend=backend, **settings)
+def bind_graph(graph, rows, dims, classes, dtype, arrays):
+    """forward+backward of ``graph`` bound once (simple_bind, as Module binds: static memory)."""
     shapes = {"data": (rows, dims), "weight": (classes, dims)}
     if "label" in graph.list_arguments():
         shapes["label"] = (rows,)
@@ -74,6 +70,15 @@ def bound_runner(backend, rows, dims, classes, dtype, arrays, settings):
         executor.backward([head])
         mx.nd.waitall()
     return run
+
+
+def bound_runner(backend, rows, dims, classes, dtype, arrays, settings):
+    data, weight, label = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
+    if backend == "softmax":
+        graph = mx.sym.FullyConnected(data, weight, no_bias=True, num_hidden=classes)
+    else:
+        graph = mx_lsoftmax.lsoftmax(data, weight, label, classes, backend=backend, **settings)
+    return bind_graph(graph, rows, dims, classes, dtype, arrays)
 
 
 def imperative_runner(backend, rows, dims, classes, dtype, arrays, settings):
@@ -161,23 +166,7 @@ def kind_runner(kind, backend, rows, dims, classes, dtype, arrays):
         graph = insightface_symbol(kind, data, weight, label, classes, settings, dtype)
     else:
         graph = mx_lsoftmax.margin_logits(data, weight, label, classes, kind, backend=backend)
-    shapes = {"data": (rows, dims), "weight": (classes, dims)}
-    if "label" in graph.list_arguments():
-        shapes["label"] = (rows,)
-    requests = {name: "null" if name in ("label",) else "write" for name in graph.list_arguments()}
-    executor = graph.simple_bind(mx.cpu(), grad_req=requests, type_dict={name: dtype for name in shapes},
-                                 **shapes)
-    for name, value in arrays.items():
-        if name in executor.arg_dict:
-            executor.arg_dict[name][:] = value
-    head = mx.nd.ones((rows, classes), dtype=dtype)
-
-    def run():
-        executor.forward(is_train=True)
-        executor.backward([head])
-        mx.nd.waitall()
-    run.executor = executor
-    return run
+    return bind_graph(graph, rows, dims, classes, dtype, arrays)
 
 
 def measure_kinds(shape, dtype, kinds, backends, rounds):
@@ -192,16 +181,7 @@ def measure_kinds(shape, dtype, kinds, backends, rounds):
         names = list(backends) + (["stock"] if kind in STOCK_KINDS else [])
         runners = {name: kind_runner(kind, name, rows, dims, classes, dtype, arrays)
                    for name in ["softmax"] + names}
-        for _ in range(3):  # warm-up: allocation, oneDNN primitives, first-touch pages
-            for run in runners.values():
-                run()
-        times = {name: [] for name in runners}
-        for _ in range(rounds):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-        medians = {name: float(np.median(values)) * 1e3 for name, values in times.items()}
+        medians = median_milliseconds(runners, rounds, warm_up=3)
         results.append({"shape": list(shape), "dtype": dtype, "kind": kind, "ms": medians,
                         "ratio": {name: medians[name] / medians["softmax"] for name in names}})
         print(f"{'x'.join(map(str, shape))} {kind}: " + ", ".join(
@@ -231,22 +211,28 @@ def random_arrays(shape, dtype):
             "label": rng.integers(0, classes, rows).astype(dtype)}
 
 
-def measure(shape, dtype, mode, backends, rounds, settings):
-    rows, dims, classes = shape
-    arrays = random_arrays(shape, dtype)
-    make = RUNNERS[mode]
-    runners = {name: make(name, rows, dims, classes, dtype, arrays, settings)
-               for name in ["softmax"] + backends}
-    for run in runners.values():  # warm-up: allocation, oneDNN primitives
-        run()
-        run()
+def median_milliseconds(runners, rounds, warm_up):
+    """Median ms per runner over ``rounds`` rounds that alternate the runners call by call,
+    after ``warm_up`` untimed rounds (allocation, oneDNN primitives, first-touch pages)."""
+    for _ in range(warm_up):
+        for run in runners.values():
+            run()
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    medians = {name: float(np.median(values)) * 1e3 for name, values in times.items()}
+    return {name: float(np.median(values)) * 1e3 for name, values in times.items()}
+
+
+def measure(shape, dtype, mode, backends, rounds, settings):
+    rows, dims, classes = shape
+    arrays = random_arrays(shape, dtype)
+    make = RUNNERS[mode]
+    runners = {name: make(name, rows, dims, classes, dtype, arrays, settings)
+               for name in ["softmax"] + backends}
+    medians = median_milliseconds(runners, rounds, warm_up=2)
     return {"shape": list(shape), "dtype": dtype, "mode": mode, "ms": medians,
             "ratio": {name: medians[name] / medians["softmax"] for name in backends},
             "peak_memory_mb": peak_memory_mb()}

@@ -92,6 +92,20 @@ def kind_inputs(kind, settings, rows, dims, classes, seed, dtype="float64", clea
                               thresholds=kind_thresholds(kind, settings))
 
 
+def numeric_gradient(loss, array, eps):
+    """Central differences of the scalar `loss()` with respect to every entry of `array`."""
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = saved + eps
+        plus = loss()
+        array[index] = saved - eps
+        minus = loss()
+        array[index] = saved
+        gradient[index] = (plus - minus) / (2 * eps)
+    return gradient
+
+
 def nd(array, dtype=None):
     array = np.asarray(array)
     return mx.nd.array(array, dtype=dtype or array.dtype)

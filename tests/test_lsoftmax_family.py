@@ -11,7 +11,8 @@ import mx_lsoftmax
 from mx_lsoftmax import KINDS, MarginSettings, spec
 from mx_lsoftmax import gluon as blocks
 
-from conftest import (BETAS, KIND_CASES, NUMERIC_GRADIENT_SCALED, TOLERANCE, kind_inputs, nd)
+from conftest import (BETAS, KIND_CASES, NUMERIC_GRADIENT_SCALED, TOLERANCE, kind_inputs, nd,
+                      numeric_gradient)
 
 SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 
@@ -73,19 +74,6 @@ def test_kind_defaults_schedule(backend, case):
     result = run_layer(backend, kind, settings, data, weight, label, grad)
     for got, want in zip(result, expected(kind, settings, data, weight, label, grad)):
         np.testing.assert_allclose(got, want, **TOLERANCE["float64"])
-
-
-def numeric_gradient(loss, array, eps):
-    gradient = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + eps
-        plus = loss()
-        array[index] = saved - eps
-        minus = loss()
-        array[index] = saved
-        gradient[index] = (plus - minus) / (2 * eps)
-    return gradient
 
 
 @pytest.mark.parametrize("case", KIND_CASES)

@@ -9,7 +9,8 @@ from mxnet import autograd
 import mx_lsoftmax
 from mx_lsoftmax import spec
 
-from conftest import BETAS, MARGINS, NUMERIC_GRADIENT, TOLERANCE, angle_clear_inputs, nd
+from conftest import (BETAS, MARGINS, NUMERIC_GRADIENT, TOLERANCE, angle_clear_inputs, nd,
+                      numeric_gradient)
 
 
 def run_layer(backend, data, weight, label, margin, beta, grad_output, **schedule):
@@ -74,20 +75,6 @@ def test_integer_and_float_labels_agree(backend):
         results.append(out.asnumpy())
     for result in results[1:]:
         np.testing.assert_array_equal(result, results[0])
-
-
-def numeric_gradient(loss, array, eps):
-    """Central differences of the scalar `loss()` with respect to every entry of `array`."""
-    gradient = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + eps
-        plus = loss()
-        array[index] = saved - eps
-        minus = loss()
-        array[index] = saved
-        gradient[index] = (plus - minus) / (2 * eps)
-    return gradient
 
 
 @pytest.mark.parametrize("margin", MARGINS)
