@@ -34,13 +34,12 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mxnet as mx  # noqa: E402
-from mxnet import autograd  # noqa: E402
+import mxnet as mx
+from mxnet import autograd
 
-import mx_lsoftmax  # noqa: E402
-from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, KernelHarness  # noqa: E402
-from mx_lsoftmax.support.data import resolve_directory  # noqa: E402
+import mx_lsoftmax
+from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, KernelHarness
+from mx_lsoftmax.support.data import resolve_directory
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(EXAMPLES)
@@ -286,8 +285,7 @@ def lenet_throughput(batch_sizes=(128, 256), backends=("softmax", "python", "com
     if run_one is None:
         if resolve_directory(None) is None:
             raise LookupError("real MNIST not found (set MNIST_DIR, see ../shared/data/mnist)")
-        sys.path.insert(0, EXAMPLES)
-        import train_mnist
+        import train_mnist  # a sibling script: Python puts this folder first on the path
 
         def run_one(name, argv):
             path = os.path.join(ROOT, "build", "results", name + ".json")

@@ -18,9 +18,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402
-import train_mnist  # noqa: E402
+import benchmark
+import train_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {"softmax": 99.60, 1: None, 2: 99.68, 3: 99.69, 4: 99.69, "4-caffe": None}

@@ -14,14 +14,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mxnet as mx  # noqa: E402
-from mxnet import autograd, gluon  # noqa: E402
-from mxnet.gluon import nn  # noqa: E402
+import mxnet as mx
+from mxnet import autograd, gluon
+from mxnet.gluon import nn
 
-import mx_lsoftmax  # noqa: E402
-from mx_lsoftmax.support.data import DataError, load_mnist  # noqa: E402
-from mx_lsoftmax.gluon import LSoftmaxDense  # noqa: E402
+import mx_lsoftmax
+from mx_lsoftmax.support.data import DataError, load_mnist
+from mx_lsoftmax.gluon import LSoftmaxDense
 
 try:
     from tqdm import tqdm

@@ -114,7 +114,7 @@ def nd(array, dtype=None):
 def load_example(name):
     """The module of examples/{name}.py (the examples are scripts, not a package)."""
     examples = os.path.join(ROOT, "examples")
-    if examples not in sys.path:  # the examples import each other
+    if examples not in sys.path:  # as for a script run: its folder first, so siblings import
         sys.path.insert(0, examples)
     spec = importlib.util.spec_from_file_location(name, os.path.join(examples, name + ".py"))
     module = importlib.util.module_from_spec(spec)
