@@ -11,6 +11,7 @@ import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(ROOT, "src", "operator", "margin_softmax.cc")
@@ -43,4 +44,11 @@ class BuildPyWithLibrary(build_py):
                              "the Python backend still works\n")
 
 
-setup(cmdclass={"build_py": BuildPyWithLibrary})
+class BinaryDistribution(Distribution):
+    """The wheel carries a compiled library: tag it for the platform, not py3-none-any."""
+
+    def has_ext_modules(self):
+        return True
+
+
+setup(cmdclass={"build_py": BuildPyWithLibrary}, distclass=BinaryDistribution)

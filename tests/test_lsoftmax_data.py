@@ -59,6 +59,7 @@ def test_missing_files_say_what_to_put_where(tmp_path, monkeypatch):
     with pytest.raises(DataError) as error:
         load_mnist(str(tmp_path / "nowhere"), download=False)
     assert "train-images-idx3-ubyte.gz" in str(error.value) and "MNIST_DIR" in str(error.value)
+    assert "make demo MNIST_DIR=/path/to/mnist" in str(error.value)  # what a make user can pass
 
 
 def test_header_shorter_than_idx():

@@ -129,5 +129,6 @@ def _missing_message(data_dir):
     places = [p for p in (data_dir, os.environ.get("MNIST_DIR"), DEFAULT_DIR) if p]
     names = ", ".join(base + ".gz" for base in MNIST_FILES.values())
     return (f"MNIST not found. Put the four IDX files ({names}; gzip or raw) in one of: "
-            f"{', '.join(places)} (or pass --data-dir / set MNIST_DIR). "
+            f"{', '.join(places)} (or pass --data-dir, set MNIST_DIR, or give make the folder: "
+            f"`make demo MNIST_DIR=/path/to/mnist`, `make test MNIST_DIR=/path/to/mnist`). "
             f"Fashion-MNIST: Debian's package dataset-fashion-mnist, /usr/share/datasets/fashion-mnist.")
