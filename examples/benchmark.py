@@ -38,6 +38,8 @@ import mxnet as mx
 from mxnet import autograd
 
 import mx_lsoftmax
+from mx_lsoftmax.support.cli import non_negative_float, positive_float, positive_int
+from mx_lsoftmax.support.cli import shape as shape_argument
 from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, KernelHarness
 from mx_lsoftmax.support.data import resolve_directory
 
@@ -382,19 +384,22 @@ def main(argv=None):
                         choices=["layer", "kinds", "lenet", "gpu"], help="which sections to measure")
     parser.add_argument("--kinds", nargs="*", default=list(mx_lsoftmax.KINDS), choices=list(mx_lsoftmax.KINDS),
                         help="kinds of the kinds section (each at its defaults)")
-    parser.add_argument("--kind-shapes", nargs="*", default=None,
+    parser.add_argument("--kind-shapes", nargs="+", type=shape_argument, default=None,
                         help="NxDxC shapes of the kinds section (default: 256x512x10000 256x512x100000)")
-    parser.add_argument("--shapes", nargs="*", default=None,
+    parser.add_argument("--shapes", nargs="+", type=shape_argument, default=None,
                         help="NxDxC shapes (default: the five of docs/benchmarks.md)")
-    parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
-    parser.add_argument("--modes", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
-    parser.add_argument("--backends", nargs="*", default=None, help="default: python, and compiled when built")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per shape (median)")
-    parser.add_argument("--margin", type=int, default=4)
-    parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--max-weight-mb", type=float, default=1024,
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"],
+                        help="data types of the layer table")
+    parser.add_argument("--modes", nargs="+", default=list(RUNNERS), choices=list(RUNNERS),
+                        help="ways of running the layer (see the module docstring)")
+    parser.add_argument("--backends", nargs="+", default=None, choices=["python", "compiled"],
+                        help="default: python, and compiled when built")
+    parser.add_argument("--rounds", type=positive_int, default=9, help="alternating rounds per shape (median)")
+    parser.add_argument("--margin", type=positive_int, default=4, help="L-Softmax margin of the layer table")
+    parser.add_argument("--beta", type=non_negative_float, default=1.0, help="L-Softmax beta of the layer table")
+    parser.add_argument("--max-weight-mb", type=positive_float, default=1024,
                         help="skip shapes whose weight exceeds this (memory)")
-    parser.add_argument("--lenet-images", type=int, default=12800,
+    parser.add_argument("--lenet-images", type=positive_int, default=12800,
                         help="training images per epoch of the LeNet runs (two epochs, the second timed)")
     parser.add_argument("--write", metavar="MARKDOWN", help="write the results to this file")
     parser.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
@@ -403,8 +408,7 @@ def main(argv=None):
                              "mode at the first --shapes shape and --dtypes dtype to PATH")
     arguments = parser.parse_args(argv)
 
-    shapes = ([tuple(int(v) for v in s.split("x")) for s in arguments.shapes]
-              if arguments.shapes else SHAPES)
+    shapes = arguments.shapes or SHAPES
     backends = arguments.backends or (["python", "compiled"] if mx_lsoftmax.library.is_loaded() else ["python"])
     settings = dict(margin=arguments.margin, beta=arguments.beta)
     command = "python examples/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -450,8 +454,7 @@ hybridized without static memory (see [performance.md](performance.md)).
 """)
 
     if "kinds" in arguments.parts:
-        kind_shapes = ([tuple(int(v) for v in s.split("x")) for s in arguments.kind_shapes]
-                       if arguments.kind_shapes else KIND_SHAPES)
+        kind_shapes = arguments.kind_shapes or KIND_SHAPES
         results = []
         for shape in kind_shapes:
             rounds = max(5, arguments.rounds // 2) if shape[2] >= 100000 else arguments.rounds

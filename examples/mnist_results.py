@@ -19,6 +19,7 @@ import os
 import sys
 
 import benchmark
+from mx_lsoftmax.support.cli import non_negative_int, positive_int
 import train_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,16 +134,16 @@ def speed_section(arguments):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of the accuracy runs")
-    parser.add_argument("--figure-epochs", type=int, default=10, help="epochs of the 2-D figure runs")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
-    parser.add_argument("--train-limit", type=int, default=0, help="train on the first N images (0: all)")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of the accuracy runs")
+    parser.add_argument("--figure-epochs", type=positive_int, default=10, help="epochs of the 2-D figure runs")
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1], help="seeds of the accuracy runs")
+    parser.add_argument("--train-limit", type=non_negative_int, default=0, help="train on the first N images (0: all)")
     parser.add_argument("--parts", nargs="*", default=["figure", "accuracy", "speed"],
-                        choices=["figure", "accuracy", "speed"])
+                        choices=["figure", "accuracy", "speed"], help="which parts to (re)make")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "docs", "runs"),
                         help="where each run's --json log and plot go")
     parser.add_argument("--reuse", action="store_true", help="read back runs whose log has the same settings")
-    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results.md"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results.md"), help="the document to write")
     arguments = parser.parse_args(argv)
     os.makedirs(arguments.runs_dir, exist_ok=True)
     os.makedirs(os.path.join(ROOT, "docs", "figures"), exist_ok=True)

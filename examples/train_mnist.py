@@ -19,6 +19,8 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import mx_lsoftmax
+from mx_lsoftmax.support.cli import (check_margin_settings, non_negative_float, non_negative_int,
+                                     positive_float, positive_int)
 from mx_lsoftmax.support.data import DataError, load_mnist
 from mx_lsoftmax.gluon import LSoftmaxDense
 
@@ -133,26 +135,27 @@ def code_version():
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--net", choices=["lenet", "paper"], default="lenet")
+    parser.add_argument("--net", choices=["lenet", "paper"], default="lenet", help="the network")
     parser.add_argument("--backend", choices=["softmax", "python", "compiled", "auto"], default="auto",
                         help="softmax = plain FC baseline")
-    parser.add_argument("--embed-dim", type=int, default=None,
+    parser.add_argument("--embed-dim", type=positive_int, default=None,
                         help="feature size before the head (2: the figure); default 256 for lenet, 512 for paper")
-    parser.add_argument("--margin", type=int, default=4)
-    parser.add_argument("--beta", type=float, default=100.0)
-    parser.add_argument("--beta-min", type=float, default=0.0)
-    parser.add_argument("--scale", type=float, default=0.99)
-    parser.add_argument("--gamma", type=float, default=0.0)
-    parser.add_argument("--power", type=float, default=1.0)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--lr-steps", type=int, nargs="*", default=[10], help="epochs at which lr x0.1")
-    parser.add_argument("--wd", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--margin", type=positive_int, default=4, help="L-Softmax margin m")
+    parser.add_argument("--beta", type=non_negative_float, default=100.0, help="initial beta of the schedule")
+    parser.add_argument("--beta-min", type=non_negative_float, default=0.0, help="floor of beta")
+    parser.add_argument("--scale", type=positive_float, default=0.99, help="beta decay per step, in (0, 1]")
+    parser.add_argument("--gamma", type=non_negative_float, default=0.0, help="Caffe's power-decay rate")
+    parser.add_argument("--power", type=positive_float, default=1.0, help="Caffe's power-decay exponent")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--lr-steps", type=non_negative_int, nargs="*", default=[10], help="epochs at which lr x0.1")
+    parser.add_argument("--wd", type=non_negative_float, default=5e-4, help="weight decay")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX files (else $MNIST_DIR, ~/.mxnet/datasets/mnist)")
-    parser.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (0: all)")
-    parser.add_argument("--test-limit", type=int, default=0, help="use only the first N test images (0: all)")
+    parser.add_argument("--train-limit", type=non_negative_int, default=0,
+                        help="use only the first N training images (0: all)")
+    parser.add_argument("--test-limit", type=non_negative_int, default=0, help="use only the first N test images (0: all)")
     parser.add_argument("--json", metavar="PATH", help="write final metrics and settings here")
     parser.add_argument("--plot", metavar="PATH", help="draw 2-D test features (needs --embed-dim 2)")
     parser.add_argument("--save", metavar="PREFIX", help="save parameters and trainer state after each epoch")
@@ -161,13 +164,16 @@ def parse_arguments(argv=None):
     arguments = parser.parse_args(argv)
     if arguments.embed_dim is None:
         arguments.embed_dim = 512 if arguments.net == "paper" else 256
+    if arguments.plot and arguments.embed_dim != 2:
+        parser.error(f"--plot needs --embed-dim 2, got --embed-dim {arguments.embed_dim}")
+    check_margin_settings(parser, "lsoftmax", margin=arguments.margin, beta=arguments.beta,
+                          beta_min=arguments.beta_min, scale=arguments.scale, gamma=arguments.gamma,
+                          power=arguments.power)
     return arguments
 
 
 def main(argv=None):
     arguments = parse_arguments(argv)
-    if arguments.plot and arguments.embed_dim != 2:
-        raise SystemExit("--plot needs --embed-dim 2")
     mx.random.seed(arguments.seed)
     np.random.seed(arguments.seed)
     rng = np.random.default_rng(arguments.seed)
