@@ -9,12 +9,13 @@ import pytest
 from mx_lsoftmax.support.data import MNIST_FILES, DataError, load_mnist, parse_idx
 
 
-def write_idx(directory, count=3, spelling="dash", compress=True, truncate=False, magic=None):
+def write_idx(directory, count=3, spelling="dash", compress=True, truncate=False, magic=None, side=28):
     rng = np.random.default_rng(0)
     for (split, kind), base in MNIST_FILES.items():
         n = count if split == "train" else count - 1
         if kind == "images":
-            body = struct.pack(">IIII", magic or 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
+            body = (struct.pack(">IIII", magic or 2051, n, side, side) +
+                    rng.integers(0, 256, n * side * side, dtype=np.uint8).tobytes())
         else:
             body = struct.pack(">II", 2049, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes()
         if truncate and kind == "images" and split == "train":
@@ -43,6 +44,30 @@ def test_truncated_file_is_named(tmp_path):
 def test_wrong_magic_is_named(tmp_path):
     write_idx(str(tmp_path), magic=1234)
     with pytest.raises(DataError, match="magic number 1234, expected 2051"):
+        load_mnist(str(tmp_path), download=False)
+
+
+def test_corrupt_deflate_stream_is_named(tmp_path):
+    """A valid gzip header over a damaged compressed body: zlib's error, with the file's name."""
+    write_idx(str(tmp_path))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    blob = bytearray(path.read_bytes())
+    for index in range(20, 60):
+        blob[index] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot be read"):
+        load_mnist(str(tmp_path), download=False)
+
+
+def test_images_that_are_not_28_by_28_are_named(tmp_path):
+    write_idx(str(tmp_path), side=32)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: images of 32x32 pixels, expected 28x28"):
+        load_mnist(str(tmp_path), download=False)
+
+
+def test_an_empty_set_is_named(tmp_path):
+    write_idx(str(tmp_path), count=1)  # the test set gets count - 1 = 0 images
+    with pytest.raises(DataError, match="the test set is empty"):
         load_mnist(str(tmp_path), download=False)
 
 

@@ -8,6 +8,7 @@ Every file is checked (magic number, counts, sizes) and a bad one is named.
 import gzip
 import os
 import struct
+import zlib
 import urllib.error
 import urllib.request
 
@@ -49,7 +50,7 @@ def _read(path):
     try:
         with opener(path, "rb") as handle:
             return handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a corrupt deflate stream
         raise DataError(f"{path}: cannot be read ({error}); it is truncated or corrupt") from None
 
 
@@ -65,6 +66,8 @@ def parse_idx(blob, path, kind):
     shape = (count,)
     if kind == "images":
         rows, columns = struct.unpack(">II", blob[8:16])
+        if (rows, columns) != (28, 28):
+            raise DataError(f"{path}: images of {rows}x{columns} pixels, expected 28x28 (MNIST / Fashion-MNIST)")
         shape = (count, rows, columns)
     expected = header + int(np.prod(shape))
     if len(blob) != expected:
@@ -119,6 +122,8 @@ def load_mnist(data_dir=None, download=True):
         images, labels = arrays
         if len(images) != len(labels):
             raise DataError(f"{directory}: {split} has {len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise DataError(f"{path}: the {split} set is empty (0 images)")
         if labels.size and labels.max() > 9:
             raise DataError(f"{directory}: {split} labels hold {labels.max()}, expected 0..9")
         result[split] = (images, labels)
