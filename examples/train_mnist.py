@@ -118,6 +118,27 @@ def plot_features(features, labels, path, title):
     plt.close(figure)
 
 
+def machine():
+    """What the run's numbers depend on besides the code: processor, threads, MXNet and its settings.
+
+    MXNet's CPU kernels (oneDNN) pick code paths by processor and thread count, so a run is
+    repeatable on one machine and differs in the last digits across machines.
+    """
+    import platform
+    model = None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"processor": model or platform.processor(), "machine": platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "mxnet": mx.__version__, "numpy": np.__version__,
+            "environment": {name: os.environ.get(name) for name in
+                            ("OMP_NUM_THREADS", "MXNET_ENFORCE_DETERMINISM", "MXNET_CPU_WORKER_NTHREADS",
+                             "MXNET_ENGINE_TYPE")},
+            "mx_lsoftmax_backend_library": mx_lsoftmax.library.load()}
+
+
 def code_version():
     """The checkout's commit (with '+changes' when the tree differs), for the --json log; None outside git."""
     import subprocess
@@ -256,7 +277,8 @@ def main(argv=None):
     summary = dict(test_accuracy=test_accuracy,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
                    final_beta=model.head.current_beta if isinstance(model.head, LSoftmaxDense) else None,
-                   settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(), epochs=log)
+                   settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(),
+                   machine=machine(), epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)
     if arguments.json:
         os.makedirs(os.path.dirname(os.path.abspath(arguments.json)), exist_ok=True)

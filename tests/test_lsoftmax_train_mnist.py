@@ -25,6 +25,8 @@ def test_short_run_learns_and_writes_json(tmp_path, backend):
     assert summary["test_accuracy"] > 0.5  # chance is 0.1
     assert summary["train_samples_per_sec"] > 0
     assert summary["settings"]["backend"] == backend
+    machine = summary["machine"]  # what the figures depend on besides the code
+    assert machine["cores"] >= 1 and machine["mxnet"] == "1.9.1" and "OMP_NUM_THREADS" in machine["environment"]
     if backend != "softmax":
         assert summary["final_beta"] < 10.0 or summary["settings"]["scale"] == 1.0
     assert (tmp_path / "features.png").stat().st_size > 1000
