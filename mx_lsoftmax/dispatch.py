@@ -20,7 +20,7 @@ from .kinds import MarginSettings
 from .op import FLOAT, check_labels
 
 __all__ = ["margin_logits", "lsoftmax", "inference_symbol", "resolve_backend", "new_step",
-           "BACKENDS", "check_num_classes"]
+           "BACKENDS", "check_num_classes", "check_batch"]
 
 BACKENDS = ("auto", "python", "compiled")
 
@@ -47,9 +47,18 @@ def check_num_classes(num_hidden):
     return int(num_hidden)
 
 
+def check_batch(data):
+    """An empty batch is refused before anything is allocated or cached, so later calls are
+    unharmed: MXNet 1.9.1 cannot run FullyConnected (nor nn.Dense) on N = 0 either."""
+    if data.ndim >= 1 and data.shape[0] == 0:
+        raise ValueError(f"margin softmax input data is an empty batch (shape {data.shape}): MXNet 1.9.1's "
+                         f"FullyConnected cannot run on N = 0 either; skip empty batches")
+
+
 def _check_arrays(data, weight, label, num_classes):
     if data.ndim != 2:
         raise ValueError(f"margin softmax input data must be 2-D (N, D), got shape {data.shape}")
+    check_batch(data)
     if weight.shape != (num_classes, data.shape[1]):
         raise ValueError(f"margin softmax input weight must have shape (num_hidden, D) = "
                          f"{(num_classes, data.shape[1])}, got {weight.shape}")

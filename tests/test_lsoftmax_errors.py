@@ -101,3 +101,30 @@ def test_compiled_op_reports_bad_label_through_mxnet():
     assert "label[1] = 7" in str(error.value)
     assert step.asscalar() == 0
     assert_still_working()
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_an_empty_batch_is_a_clear_error_and_harms_no_later_call(backend, hybridize):
+    from mx_lsoftmax.gluon import ArcFaceDense
+    empty = mx.nd.array(np.zeros((0, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3\)\)"):
+        with autograd.record():
+            mx_lsoftmax.margin_logits(empty, nd(GOOD["weight"], "float32"), mx.nd.array(np.zeros(0)), 5,
+                                      "cosface", backend=backend)
+    block = ArcFaceDense(5, in_units=3, backend=backend, s=8.0)
+    block.initialize()
+    if hybridize:
+        block.hybridize()
+    label = nd(GOOD["label"], "float32")
+    for _ in range(2):  # an empty batch between good ones, twice
+        with autograd.record():
+            good = block(nd(GOOD["data"], "float32") + mx.nd.arange(3).reshape((1, 3)), label)
+        good.backward()
+        assert good.shape == (4, 5) and np.all(np.isfinite(good.asnumpy()))
+        with pytest.raises(ValueError, match="empty batch"):
+            with autograd.record():
+                block(empty, mx.nd.array(np.zeros(0)))
+        with pytest.raises(ValueError, match="empty batch"):
+            block(empty)
+    assert block.step.data().asscalar() == 2
+    assert_still_working()
