@@ -20,7 +20,7 @@ from .kinds import MarginSettings
 from .op import FLOAT, check_labels
 
 __all__ = ["margin_logits", "lsoftmax", "inference_symbol", "resolve_backend", "new_step",
-           "BACKENDS", "check_num_classes", "check_batch"]
+           "BACKENDS", "check_num_classes", "check_batch", "check_inputs"]
 
 BACKENDS = ("auto", "python", "compiled")
 
@@ -72,6 +72,19 @@ def _check_arrays(data, weight, label, num_classes):
                          f"got {label.shape}")
 
 
+def check_inputs(data, weight, label, num_classes):
+    """Shapes, dtypes and labels of a training call (weight None: not known yet); ValueError
+    naming the input and the value. Reads the labels on the host once."""
+    if weight is None:
+        if data.ndim != 2:
+            raise ValueError(f"margin softmax input data must be 2-D (N, D), got shape {data.shape}")
+        weight_check = mx.nd.zeros((num_classes, data.shape[1]), dtype=data.dtype)
+    else:
+        weight_check = weight
+    _check_arrays(data, weight_check, label, num_classes)
+    return check_labels(label, num_classes)
+
+
 def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="auto", step=None,
                   name=None, **settings):
     """Margin-softmax logits of any kind, for NDArrays or Symbols.
@@ -116,11 +129,10 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
         if step is None:
             step = mx.sym.Variable(f"{name}_step", shape=(1,), init=mx.init.Zero())
         return graph.build(mx.sym, data, weight, label, step, num_classes, parsed, backend, name)
-    training = mx.autograd.is_training()
-    _check_arrays(data, weight, label if training else None, num_classes)
-    if not training:
+    if not mx.autograd.is_training():
+        _check_arrays(data, weight, None, num_classes)
         return graph.build(mx.nd, data, weight, None, None, num_classes, parsed, backend, name)
-    check_labels(label, num_classes)
+    check_inputs(data, weight, label, num_classes)
     if step is None:
         step = new_step(data.context, data.dtype)
     elif step.shape != (1,) or step.dtype != data.dtype:

@@ -9,7 +9,7 @@ from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
 from . import graph
-from .dispatch import check_batch, check_num_classes, margin_logits, resolve_backend
+from .dispatch import check_batch, check_inputs, check_num_classes, margin_logits, resolve_backend
 from .kinds import KINDS, SETTINGS, MarginSettings
 
 __all__ = ["MarginDense", "LSoftmaxDense", "SphereFaceDense", "CosFaceDense", "ArcFaceDense",
@@ -71,9 +71,14 @@ class MarginDense(HybridBlock):
         return self.settings.beta_at(float(self.step.data(self.step.list_ctx()[0]).asscalar()))
 
     def forward(self, x, label=None):
-        if isinstance(x, mx.nd.NDArray):
-            check_batch(x)  # before the cached graph sees a shape it cannot run
         plain = label is None or not autograd.is_training()
+        if isinstance(x, mx.nd.NDArray):
+            # Before the cached graph: an error raised inside a Python CustomOp reaches the
+            # caller as an opaque MXNetError, so inputs are checked here, naming input and value.
+            check_batch(x)
+            if not plain and self._active:  # unhybridized calls are checked by margin_logits
+                check_inputs(x, None if self.weight._deferred_init else self.weight.data(x.context),
+                             label, self._units)
         if plain and isinstance(x, mx.nd.NDArray):
             # Outside the cached graph: a cached graph keeps one argument
             # structure, and inference needs neither the label nor the op.

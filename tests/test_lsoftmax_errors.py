@@ -128,3 +128,27 @@ def test_an_empty_batch_is_a_clear_error_and_harms_no_later_call(backend, hybrid
             block(empty)
     assert block.step.data().asscalar() == 2
     assert_still_working()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(label=np.array([0, 1, 5, 2])), "label[2] = 5"),
+    (dict(label=np.array([0, 1.5, 4, 2])), "label[1] = 1.5"),
+    (dict(label=np.array([0, 1])), "label must have shape (N,) = (4,), got (2,)"),
+    (dict(data=np.ones((4, 2))), "weight must have shape (num_hidden, D) = (5, 2), got (5, 3)"),
+])
+def test_hybridized_block_errors_name_the_input(backend, settings, message):
+    """In a hybridized block the caught exception carries the message, for both backends."""
+    from mx_lsoftmax.gluon import LSoftmaxDense
+    block = LSoftmaxDense(5, in_units=3, backend=backend, margin=2)
+    block.initialize()
+    block.hybridize()
+    data = settings.get("data", GOOD["data"])
+    label = settings.get("label", GOOD["label"])
+    with pytest.raises(ValueError) as error:
+        with autograd.record():
+            block(nd(data, "float32"), nd(label, "float32"))
+    assert message in str(error.value)
+    with autograd.record():
+        good = block(nd(GOOD["data"], "float32"), nd(GOOD["label"], "float32"))
+    assert good.shape == (4, 5) and block.step.data().asscalar() == 1
+    assert_still_working()
