@@ -368,6 +368,33 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
 mx.operator.register("MarginSoftmax")(MarginSoftmaxProp)
 
 
+def _zero_initialise_schedule_steps():
+    """Let every initializer start the ops' schedule state at 0.
+
+    ``mx.sym.Custom(data, weight, label, op_type='MarginSoftmax', ...)`` creates the
+    auxiliary state ``{name}_step`` itself, without attributes, and MXNet's
+    initializers know only fixed name patterns (BatchNorm registers its own in C++,
+    which a CustomOp cannot): any other name raises "Unknown initialization
+    pattern". So the default case learns one more pattern: a (1,) array named
+    ``*_step`` starts at 0. Every other name behaves exactly as before.
+    """
+    original = mx.init.Initializer._init_default
+    if getattr(original, "_margin_softmax_steps", False):
+        return
+
+    def _init_default(self, name, arr):
+        if str(name).endswith("_step") and tuple(arr.shape) == (1,):
+            arr[:] = 0
+            return
+        original(self, name, arr)
+
+    _init_default._margin_softmax_steps = True
+    mx.init.Initializer._init_default = _init_default
+
+
+_zero_initialise_schedule_steps()
+
+
 @mx.operator.register("LSoftmax")
 class LSoftmaxProp(MarginSoftmaxProp):
     """``op_type='LSoftmax'``: the lsoftmax kind (attributes num_hidden, margin, beta, ...)."""

@@ -353,3 +353,22 @@ def test_float32_extreme_norms_stay_finite_and_right(backend, case, norm_x, norm
         assert np.all(np.isfinite(got))
         scale = float(np.abs(reference).max())
         np.testing.assert_allclose(got / scale, reference / scale, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lsoftmax", "arcface"])
+def test_bare_custom_symbol_trains_in_module_with_a_standard_initializer(kind):
+    """The contract form, no step passed: MXNet creates `{name}_step`, and Xavier starts it at 0."""
+    rng = np.random.default_rng(1)
+    data = mx.sym.var("data")
+    label = mx.sym.var("softmax_label")
+    features = mx.sym.FullyConnected(data, num_hidden=6, name="embed")
+    head = mx.sym.Custom(features, mx.sym.var("fc_weight"), label, op_type="MarginSoftmax", kind=kind,
+                         num_hidden=4, name="head", beta=2.0, scale=0.5)
+    assert head.list_auxiliary_states() == ["head_step"]
+    module = mx.mod.Module(mx.sym.SoftmaxOutput(head, label, name="softmax"))
+    iterator = mx.io.NDArrayIter(rng.standard_normal((32, 5)).astype(np.float32),
+                                 rng.integers(0, 4, 32).astype(np.float32), batch_size=8)
+    module.fit(iterator, num_epoch=1, initializer=mx.init.Xavier())
+    assert module.get_params()[1]["head_step"].asscalar() == 4  # 4 batches from 0
+    with pytest.raises(ValueError, match="Unknown initialization pattern"):  # other names as before
+        mx.init.Xavier()(mx.init.InitDesc("mystery"), mx.nd.zeros((2,)))
