@@ -56,32 +56,29 @@ def check_batch(data):
 
 
 def _check_arrays(data, weight, label, num_classes):
+    """Shapes and dtypes; ``weight`` None (not known yet: deferred init) skips its checks."""
     if data.ndim != 2:
         raise ValueError(f"margin softmax input data must be 2-D (N, D), got shape {data.shape}")
     check_batch(data)
-    if weight.shape != (num_classes, data.shape[1]):
-        raise ValueError(f"margin softmax input weight must have shape (num_hidden, D) = "
-                         f"{(num_classes, data.shape[1])}, got {weight.shape}")
     if np.dtype(data.dtype).name not in FLOAT:
         raise ValueError(f"margin softmax input data must be float32 or float64, got {np.dtype(data.dtype).name}")
-    if weight.dtype != data.dtype:
-        raise ValueError(f"margin softmax input weight must have the dtype of data "
-                         f"({np.dtype(data.dtype).name}), got {np.dtype(weight.dtype).name}")
     if label is not None and label.shape != (data.shape[0],):
         raise ValueError(f"margin softmax input label must have shape (N,) = ({data.shape[0]},), "
                          f"got {label.shape}")
+    if weight is None:
+        return
+    if weight.shape != (num_classes, data.shape[1]):
+        raise ValueError(f"margin softmax input weight must have shape (num_hidden, D) = "
+                         f"{(num_classes, data.shape[1])}, got {weight.shape}")
+    if weight.dtype != data.dtype:
+        raise ValueError(f"margin softmax input weight must have the dtype of data "
+                         f"({np.dtype(data.dtype).name}), got {np.dtype(weight.dtype).name}")
 
 
 def check_inputs(data, weight, label, num_classes):
     """Shapes, dtypes and labels of a training call (weight None: not known yet); ValueError
     naming the input and the value. Reads the labels on the host once."""
-    if weight is None:
-        if data.ndim != 2:
-            raise ValueError(f"margin softmax input data must be 2-D (N, D), got shape {data.shape}")
-        weight_check = mx.nd.zeros((num_classes, data.shape[1]), dtype=data.dtype)
-    else:
-        weight_check = weight
-    _check_arrays(data, weight_check, label, num_classes)
+    _check_arrays(data, weight, label, num_classes)
     return check_labels(label, num_classes)
 
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import mxnet as mx
+import numpy as np
 
 __all__ = ["Setting", "Kind", "SETTINGS", "SCHEDULE", "KINDS", "MarginSettings", "beta_at",
            "angle_floor"]
@@ -76,7 +77,6 @@ SCHEDULE = {"beta": 0.0, "beta_min": 0.0, "scale": 1.0, "gamma": 0.0, "power": 1
 
 def angle_floor(dtype):
     """delta of (K5): sqrt(eps) of the data's dtype, the floor of sin(theta) in psi'."""
-    import numpy as np
     return float(np.sqrt(np.finfo(np.dtype(dtype)).eps))
 
 

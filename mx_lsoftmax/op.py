@@ -49,18 +49,23 @@ def _inverse_or_zero(values, numerator=1.0):
                        mx.nd.zeros_like(values))
 
 
+def scale_factors(settings, norm_x, norm_w):
+    """rho = s / |x| (or 1) and kappa = 1 / |w| (or 1) of (K1), 0 for zero rows (K9)."""
+    row = settings.row
+    rho = _inverse_or_zero(norm_x, settings.values.get("s", 1.0)) if row.normalise_features else mx.nd.ones_like(norm_x)
+    kappa = _inverse_or_zero(norm_w) if row.normalise_weights else mx.nd.ones_like(norm_w)
+    return rho, kappa
+
+
 def target_column(settings, f, norm_x, norm_w, beta, floor):
     """The target logit and its partials, float64 NDArrays of shape (N,) (K3, K7, K9).
 
     f = x . w_y (raw), norm_x = |x|, norm_w = |w_y|. Returns a dict with
-    z (the plain logit of the kind), o (the training target), d_f = do/df,
-    d_norm_x = do/d|x|, d_norm_w = do/d|w_y|; degenerate rows (|x| |w_y| = 0)
-    keep the plain logit and its partials.
+    o (the training target), d_f = do/df, d_norm_x = do/d|x|, d_norm_w = do/d|w_y|;
+    degenerate rows (|x| |w_y| = 0) keep the plain logit z of the kind and its partials.
     """
     row = settings.row
-    s = settings.values.get("s", 1.0)
-    rho = _inverse_or_zero(norm_x, s) if row.normalise_features else mx.nd.ones_like(norm_x)
-    kappa = _inverse_or_zero(norm_w) if row.normalise_weights else mx.nd.ones_like(norm_w)
+    rho, kappa = scale_factors(settings, norm_x, norm_w)
     product = norm_x * norm_w
     regular = product > 0
     # f / |x| / |w_y| rather than f / (|x| |w_y|): the product of two float64 norms can overflow.
@@ -79,7 +84,6 @@ def target_column(settings, f, norm_x, norm_w, beta, floor):
     d_norm_x = (beta * d_z_norm_x + radius * inverse_x * (radius_has_x * psi - c * psi_prime)) * blend
     d_norm_w = (beta * d_z_norm_w + radius * inverse_w * (radius_has_w * psi - c * psi_prime)) * blend
     return dict(
-        z=z, rho=rho, kappa=kappa,
         o=mx.nd.where(regular, o, z),
         d_f=mx.nd.where(regular, d_f, rho * kappa),
         d_norm_x=mx.nd.where(regular, d_norm_x, d_z_norm_x),
@@ -120,7 +124,7 @@ def scale_rows(rows, coefficient):
     info = np.finfo(dtype)
     if nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny):
         return mx.nd.broadcast_mul(rows, coefficient.astype(dtype).reshape((-1, 1)))
-    return mx.nd.broadcast_mul(rows.astype("float64"), coefficient.reshape((-1, 1))).astype(dtype)
+    return scale_rows_exact(rows, coefficient)
 
 
 def row_sums(matrix):
@@ -178,10 +182,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if is_train:
             saved["target"] = self._target(data, weight, label, logits, aux[0], saved)
         if normalised:
-            s = self.settings.values.get("s", 1.0)
-            ones = mx.nd.ones_like
-            rho = _inverse_or_zero(saved["norm_x"], s) if row.normalise_features else ones(saved["norm_x"])
-            kappa = _inverse_or_zero(saved["norm_all_w"]) if row.normalise_weights else ones(saved["norm_all_w"])
+            rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
             # multiplications over (N, C) cost 2-3 times a plain element-wise one.
             saved["factors"] = mx.nd.broadcast_mul(rho.astype(dtype).reshape((-1, 1)),

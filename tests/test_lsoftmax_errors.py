@@ -78,6 +78,12 @@ def test_custom_op_rejects_bad_settings_without_crashing():
     (dict(scale=0), "parameter scale must be in (0, 1], got 0"),
     (dict(gamma=-1), "parameter gamma must be >= 0, got -1"),
     (dict(power=0), "parameter power must be > 0, got 0"),
+    # The table of kinds and settings (src/operator/margin_softmax-inl.h):
+    (dict(kind="facenet"), "parameter kind must be one of lsoftmax sphereface cosface arcface combined, got 'facenet'"),
+    (dict(kind="cosface", m1="2"), "kind cosface does not take the setting 'm1'"),
+    (dict(kind="arcface", margin="3.5"), "parameter margin must be in [0, pi), got 3.5"),
+    (dict(kind="cosface", s="-1"), "parameter s must be > 0, got -1"),
+    (dict(kind="arcface", easy_margin="2"), "parameter easy_margin must be in [0, 1], got 2"),
 ])
 def test_compiled_op_reports_bad_settings_through_mxnet(settings, message):
     if not mx_lsoftmax.library.is_loaded():

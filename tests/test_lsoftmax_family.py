@@ -241,23 +241,6 @@ def test_compiled_defaults_equal_the_python_table(kind):
     np.testing.assert_allclose(bare.asnumpy(), want, **TOLERANCE["float64"])
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(kind="facenet"), "parameter kind must be one of lsoftmax sphereface cosface arcface combined, got 'facenet'"),
-    (dict(kind="cosface", m1="2"), "kind cosface does not take the setting 'm1'"),
-    (dict(kind="arcface", margin="3.5"), "parameter margin must be in [0, pi), got 3.5"),
-    (dict(kind="cosface", s="-1"), "parameter s must be > 0, got -1"),
-    (dict(kind="arcface", easy_margin="2"), "parameter easy_margin must be in [0, 1], got 2"),
-])
-def test_compiled_op_checks_settings_from_its_table(settings, message):
-    if not mx_lsoftmax.library.is_loaded():
-        pytest.skip("the compiled library is not built (run `make`)")
-    inputs = (mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), mx.nd.array([0, 1]),
-              mx.nd.zeros((1,)))
-    with pytest.raises(mx.base.MXNetError) as error:
-        mx.nd.margin_softmax_target(*inputs, **settings)[0].asnumpy()
-    assert message in str(error.value)
-
-
 # ---- Gluon blocks, symbols and Module ----
 
 BLOCKS = {"lsoftmax": blocks.LSoftmaxDense, "sphereface": blocks.SphereFaceDense,

@@ -103,6 +103,14 @@ __global__ void scale_kernel(const T* logits, T* out, const double* data_norm,
   }
 }
 
+// The class of row i, or -1 after flagging the row: atomicMin leaves the first bad row.
+template <typename L>
+__device__ int64_t checked_class(const L* label, int64_t i, int64_t classes, int* bad_label) {
+  const int64_t y = class_index(label[i], classes);
+  if (y < 0) atomicMin(bad_label, static_cast<int>(i));
+  return y;
+}
+
 template <typename T, typename L>
 __global__ void forward_target_kernel(const T* logits, const L* label, const T* step, T* out,
                                       const double* data_norm, const double* weight_norm,
@@ -110,11 +118,8 @@ __global__ void forward_target_kernel(const T* logits, const L* label, const T* 
                                       int* bad_label) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= rows) return;
-  const int64_t y = class_index(label[i], classes);
-  if (y < 0) {
-    atomicMin(bad_label, static_cast<int>(i));
-    return;
-  }
+  const int64_t y = checked_class(label, i, classes, bad_label);
+  if (y < 0) return;
   const double beta = beta_at(settings, static_cast<double>(step[0]));
   out[i * classes + y] = static_cast<T>(target_column(settings, logits[i * classes + y],
                                                       data_norm[i], weight_norm[y], beta,
@@ -173,11 +178,8 @@ __global__ void backward_target_kernel(const T* grad_output, const T* logits, co
                                        Settings settings, int* bad_label) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= rows) return;
-  const int64_t y = class_index(label[i], classes);
-  if (y < 0) {
-    atomicMin(bad_label, static_cast<int>(i));
-    return;
-  }
+  const int64_t y = checked_class(label, i, classes, bad_label);
+  if (y < 0) return;
   const double a = data_norm[i], b = weight_norm[y];
   const double g = grad_output[i * classes + y];
   const TargetColumn column = target_column(settings, logits[i * classes + y], a, b,
