@@ -22,6 +22,8 @@ vectors, evaluated in float64 whatever the data's dtype.
 import mxnet as mx
 import numpy as np
 
+from . import hooks
+from .hooks import relay_errors
 from .kinds import KINDS, MarginSettings, angle_floor
 
 __all__ = ["MarginSoftmaxOp", "MarginSoftmaxProp", "LSoftmaxProp", "check_labels", "target_column"]
@@ -164,6 +166,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         # backward on the same instance in every mode.
         self.saved = None
 
+    @relay_errors
     def forward(self, is_train, req, in_data, out_data, aux):
         data, weight, label = in_data
         row = self.settings.row
@@ -229,6 +232,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
                     rows=mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context),
                     o=column["o"], d_f=column["d_f"], p=p, q=q)
 
+    @relay_errors
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         """Gradients by (K8): the two products on G' and O(N D + C D) row scalings.
 
@@ -336,6 +340,7 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
     def list_auxiliary_states(self):
         return ["step"]
 
+    @relay_errors
     def infer_shape(self, in_shape):
         if self.error is not None:
             raise self.error
@@ -352,6 +357,7 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
             raise ValueError(f"margin softmax input label must have shape (N,) = ({n},), got {tuple(label_shape)}")
         return [data_shape, expected_weight, (n,)], [(n, self.num_classes)], [(1,)]
 
+    @relay_errors
     def infer_type(self, in_type):
         dtype = in_type[0]
         if np.dtype(dtype).name not in FLOAT:
@@ -369,31 +375,7 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
 mx.operator.register("MarginSoftmax")(MarginSoftmaxProp)
 
 
-def _zero_initialise_schedule_steps():
-    """Let every initializer start the ops' schedule state at 0.
-
-    ``mx.sym.Custom(data, weight, label, op_type='MarginSoftmax', ...)`` creates the
-    auxiliary state ``{name}_step`` itself, without attributes, and MXNet's
-    initializers know only fixed name patterns (BatchNorm registers its own in C++,
-    which a CustomOp cannot): any other name raises "Unknown initialization
-    pattern". So the default case learns one more pattern: a (1,) array named
-    ``*_step`` starts at 0. Every other name behaves exactly as before.
-    """
-    original = mx.init.Initializer._init_default
-    if getattr(original, "_margin_softmax_steps", False):
-        return
-
-    def _init_default(self, name, arr):
-        if str(name).endswith("_step") and tuple(arr.shape) == (1,):
-            arr[:] = 0
-            return
-        original(self, name, arr)
-
-    _init_default._margin_softmax_steps = True
-    mx.init.Initializer._init_default = _init_default
-
-
-_zero_initialise_schedule_steps()
+hooks.install()
 
 
 @mx.operator.register("LSoftmax")

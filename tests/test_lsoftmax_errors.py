@@ -158,3 +158,41 @@ def test_hybridized_block_errors_name_the_input(backend, settings, message):
         good = block(nd(GOOD["data"], "float32"), nd(GOOD["label"], "float32"))
     assert good.shape == (4, 5) and block.step.data().asscalar() == 1
     assert_still_working()
+
+
+def _bound_module(backend, data_shape, data_dtype="float32"):
+    data, label = mx.sym.var("data", dtype=data_dtype), mx.sym.var("softmax_label")
+    logits = mx_lsoftmax.margin_logits(data, mx.sym.var("cosface_weight"), label, 5, kind="cosface",
+                                       backend=backend, name="cosface")
+    module = mx.mod.Module(mx.sym.SoftmaxOutput(logits, label, name="softmax"))
+    module.bind([mx.io.DataDesc("data", data_shape, data_dtype)], [("softmax_label", (data_shape[0],))])
+    return module
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(label=np.array([0, 1, 5, 2])), "label[2] = 5"),
+    (dict(label=np.array([0, -1, 4, 2])), "label[1] = -1"),
+    (dict(data_shape=(4, 3, 1)), "data must be 2-D (N, D), got shape (4, 3, 1)"),
+    (dict(data_dtype="float16"), "data must be float32 or float64, got float16"),
+])
+def test_symbol_graph_errors_name_the_input(backend, settings, message):
+    """Under Module the caught exception carries the op's message, for both backends
+    (the Python op's callbacks sit behind MXNet's C boundary: mx_lsoftmax.hooks relays it)."""
+    data_shape = settings.get("data_shape", (4, 3))
+    data_dtype = settings.get("data_dtype", "float32")
+    with pytest.raises((mx.base.MXNetError, RuntimeError)) as error:
+        module = _bound_module(backend, data_shape, data_dtype)
+        module.init_params(mx.init.Xavier())
+        batch = mx.io.DataBatch([nd(GOOD["data"], "float32")], [nd(settings.get("label", GOOD["label"]))])
+        module.forward(batch, is_train=True)
+        module.get_outputs()[0].asnumpy()
+    assert message in str(error.value)
+    # The relayed message is consumed: an unrelated later failure does not carry it.
+    with pytest.raises(mx.base.MXNetError) as unrelated:
+        mx.nd.FullyConnected(mx.nd.ones((2, 3)), mx.nd.ones((4, 2)), num_hidden=4, no_bias=True).asnumpy()
+    assert message not in str(unrelated.value)
+    module = _bound_module(backend, (4, 3))
+    module.init_params(mx.init.Xavier())
+    module.forward(mx.io.DataBatch([nd(GOOD["data"], "float32")], [nd(GOOD["label"])]), is_train=True)
+    assert module.get_outputs()[0].shape == (4, 5)
+    assert_still_working()

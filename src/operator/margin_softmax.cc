@@ -181,6 +181,21 @@ const char* input_name(int index) {
   return index >= 0 && index < kNumInputs ? names[index] : "?";
 }
 
+// Messages name dtypes and shapes as the Python side prints them.
+std::string dtype_name(int dtype) {
+  static const char* names[] = {"float32", "float64", "float16", "uint8", "int32", "int8", "int64"};
+  if (dtype >= 0 && dtype < static_cast<int>(sizeof(names) / sizeof(names[0]))) return names[dtype];
+  return "dtype code " + std::to_string(dtype);
+}
+
+std::string shape_text(const std::vector<unsigned int>& shape) {
+  std::ostringstream text;
+  text << "(";
+  for (size_t i = 0; i < shape.size(); ++i) text << (i ? ", " : "") << shape[i];
+  text << (shape.size() == 1 ? ",)" : ")");
+  return text.str();
+}
+
 MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& attrs,
                           int* num_inputs, int* num_outputs) {
   Settings settings;
@@ -192,21 +207,26 @@ MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& at
 
 MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
                          std::vector<int>* in_types, std::vector<int>* out_types) {
-  // Symbols may leave some dtypes unknown (-1): take the first known one.
+  // Symbols may leave some dtypes unknown (-1): take the first known one,
+  // data's first, since the user sets it and the others follow from it.
   int dtype = -1;
-  for (int input : {kLogits, kData, kWeight, kStep}) {
+  int source = kData;
+  for (int input : {kData, kLogits, kWeight, kStep}) {
+    if (dtype < 0) source = input;
     if (dtype < 0) dtype = (*in_types)[input];
   }
   if (dtype < 0) return MX_SUCCESS;
   if (dtype != kFloat32 && dtype != kFloat64) {
-    MARGIN_ERROR << "input logits must be float32 or float64, got dtype code " << dtype;
+    MARGIN_ERROR << "input " << input_name(source) << " must be float32 or float64, got "
+                 << dtype_name(dtype);
     return MX_FAIL;
   }
   for (int input : {kLogits, kData, kWeight, kStep}) {
     if ((*in_types)[input] < 0) (*in_types)[input] = dtype;
     if ((*in_types)[input] != dtype) {
-      MARGIN_ERROR << "input " << input_name(input) << " must have the dtype of logits (code "
-                   << dtype << "), got code " << (*in_types)[input];
+      MARGIN_ERROR << "input " << input_name(input) << " must have the dtype of "
+                   << input_name(source) << " (" << dtype_name(dtype) << "), got "
+                   << dtype_name((*in_types)[input]);
       return MX_FAIL;
     }
   }
@@ -226,7 +246,7 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
   const auto& label = (*in_shapes)[kLabel];
   const auto& step = (*in_shapes)[kStep];
   if (data.size() != 2) {
-    MARGIN_ERROR << "input data must be 2-D (N, D), got " << data.size() << " dimensions";
+    MARGIN_ERROR << "input data must be 2-D (N, D), got shape " << shape_text(data);
     return MX_FAIL;
   }
   if (logits.size() != 2 || logits[0] != data[0]) {
@@ -314,7 +334,7 @@ MXReturnValue with_label_type(int dtype, Visitor visit) {
     case kUint8: return visit(static_cast<uint8_t*>(nullptr));
     case kInt8: return visit(static_cast<int8_t*>(nullptr));
     default:
-      MARGIN_ERROR << "input label has unsupported dtype code " << dtype;
+      MARGIN_ERROR << "input label has unsupported dtype " << dtype_name(dtype);
       return MX_FAIL;
   }
 }

@@ -1,0 +1,104 @@
+"""Two small adaptations of MXNet 1.9.1 that the Python CustomOp needs.
+
+Both are installed once, on import, and change nothing for code that does not
+meet the margin ops.
+
+1. Schedule state under any initializer. ``mx.sym.Custom(..., op_type='MarginSoftmax')``
+   creates the auxiliary state ``{name}_step`` itself, without attributes, and MXNet's
+   initializers know only fixed name patterns (BatchNorm registers its own in C++,
+   which a CustomOp cannot): any other name raises "Unknown initialization pattern".
+   The default case learns one more pattern: a (1,) array named ``*_step`` starts at 0.
+
+2. The op's message in the exception the user catches. MXNet runs a CustomOp's
+   callbacks (shape and type inference, forward, backward) behind a C boundary: an
+   exception there is printed to stdout and the caller gets an MXNetError that only
+   says a callback returned false ("Check failed: reinterpret_cast<CustomOpFBFunc>...").
+   The op records its own message (:func:`relay_errors`) and MXNet's error factory
+   puts it at the head of that MXNetError, so ``str(error)`` names the input and the
+   value in a Module or a hybridized block just as in an imperative call.
+"""
+import functools
+import threading
+
+import mxnet as mx
+import mxnet.base
+
+__all__ = ["relay_errors", "install"]
+
+# The callback messages that MXNet 1.9.1 raises when a CustomOp callback fails
+# (src/operator/custom/custom.cc): every one names its callback type.
+_CALLBACK_FAILURE = "CustomOp"
+
+_pending_lock = threading.Lock()
+_pending_message = None
+
+
+def relay_errors(method):
+    """Decorate a CustomOp / CustomOpProp method so its exception message reaches the caller.
+
+    The exception is still raised (MXNet prints it and fails the callback); its text is
+    kept until the next MXNetError that reports a failed CustomOp callback takes it.
+    Forward and backward run on MXNet's custom-op worker thread, while the error is
+    raised on the caller's thread at the next wait, hence one lock-guarded slot.
+    """
+    @functools.wraps(method)
+    def relayed(*args, **kwargs):
+        global _pending_message
+        try:
+            return method(*args, **kwargs)
+        except Exception as error:
+            with _pending_lock:
+                _pending_message = f"{type(error).__name__}: {error}"
+            raise
+    return relayed
+
+
+def _take_pending_message():
+    global _pending_message
+    with _pending_lock:
+        message, _pending_message = _pending_message, None
+    return message
+
+
+def _relay_into_mxnet_errors():
+    original = mxnet.base.get_last_ffi_error
+    if getattr(original, "_margin_softmax_relay", False):
+        return
+
+    def get_last_ffi_error():
+        error = original()
+        text = str(error)
+        if _CALLBACK_FAILURE in text:
+            message = _take_pending_message()
+            if message is not None:
+                try:
+                    return type(error)(f"{message}\n\n{text}")
+                except TypeError:  # an error class with another constructor: keep MXNet's own
+                    return error
+        return error
+
+    get_last_ffi_error._margin_softmax_relay = True
+    # check_call looks the factory up in mxnet.base at every failure, so this one
+    # assignment covers every C API call (imperative, executor, CachedOp, waits).
+    mxnet.base.get_last_ffi_error = get_last_ffi_error
+
+
+def _zero_initialise_schedule_steps():
+    original = mx.init.Initializer._init_default
+    if getattr(original, "_margin_softmax_steps", False):
+        return
+
+    def _init_default(self, name, arr):
+        if str(name).endswith("_step") and tuple(arr.shape) == (1,):
+            arr[:] = 0
+            return
+        original(self, name, arr)
+
+    _init_default._margin_softmax_steps = True
+    mx.init.Initializer._init_default = _init_default
+
+
+def install():
+    """Install both adaptations (idempotent)."""
+    _zero_initialise_schedule_steps()
+    _relay_into_mxnet_errors()
