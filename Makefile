@@ -26,8 +26,15 @@ MXNET_LIB_API  = $(abspath $(MXNET_INCLUDE)/../src/lib_api.cc)
 CXXFLAGS      ?= -O3 -march=x86-64-v2 -std=c++17 -fPIC -pthread -Wall -Wno-unused-function
 
 # The project's MNIST copy when this checkout sits beside ../shared (as in CI).
-MNIST_DIR     ?= $(abspath $(wildcard ../shared/data/mnist))
-export MNIST_DIR
+MNIST_DIR         ?= $(abspath $(wildcard ../shared/data/mnist))
+FASHION_MNIST_DIR ?= $(abspath $(wildcard ../shared/data/fashion-mnist))
+export MNIST_DIR FASHION_MNIST_DIR
+
+# Training runs (demo, results) as repeatable as MXNet allows: a fixed number of CPU
+# threads (oneDNN's reductions depend on it) and MXNet's deterministic kernels.
+# Runs still differ in the last digits between processor models (docs in README).
+RUN_THREADS   ?= 2
+RUN_ENV        = OMP_NUM_THREADS=$(RUN_THREADS) MXNET_ENFORCE_DETERMINISM=1
 
 .PHONY: all cuda install test demo bench results clean
 
@@ -65,14 +72,15 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 demo: install
-	$(PYTHON) examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 \
+	$(RUN_ENV) $(PYTHON) examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 \
 	    --epochs 5 --plot build/demo_features.png --json build/demo.json
 
 bench: install
 	$(PYTHON) examples/benchmark.py --write docs/benchmarks.md
 
 results: install
-	$(PYTHON) examples/mnist_results.py --epochs 20 --seeds 0 1 --figure-epochs 5 --reuse
+	$(RUN_ENV) $(PYTHON) examples/mnist_results.py --epochs 20 --seeds 0 1 --figure-epochs 5 \
+	    --family-epochs 10 --reuse
 
 clean:
 	rm -rf $(BUILD_DIR) mx_lsoftmax/lib *.egg-info .pytest_cache

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Train LeNet (or the paper's MNIST network) with an L-Softmax head on real MNIST.
+"""Train LeNet (or the paper's MNIST network) with a margin-softmax head on MNIST or Fashion-MNIST.
 
 Examples:
   python examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 --plot features.png
-  python examples/train_mnist.py --backend softmax --epochs 20 --json softmax.json
-Test accuracy is always measured on plain logits (x W^T).
+  python examples/train_mnist.py --loss softmax --epochs 20 --json softmax.json
+  python examples/train_mnist.py --dataset fashion-mnist --loss arcface --s 16 --margin 0.3 \
+      --embed-dim 3 --plot sphere.png
+Test accuracy is always measured on the plain logits of the head (the kind's normalised
+classifier for sphereface / cosface / arcface / combined; x W^T for softmax and lsoftmax).
 """
 import argparse
 import json
@@ -19,10 +22,11 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import mx_lsoftmax
-from mx_lsoftmax.support.cli import (check_margin_settings, non_negative_float, non_negative_int,
+from mx_lsoftmax.support.cli import (DefaultsFormatter, check_margin_settings, non_negative_float, non_negative_int,
                                      positive_float, positive_int)
-from mx_lsoftmax.support.data import DataError, load_mnist
-from mx_lsoftmax.gluon import LSoftmaxDense
+from mx_lsoftmax.kinds import KINDS, SCHEDULE, SETTINGS
+from mx_lsoftmax.support.data import DATASETS, DataError, load_dataset
+from mx_lsoftmax.gluon import MarginDense
 
 try:
     from tqdm import tqdm
@@ -64,19 +68,17 @@ class Classifier(gluon.Block):
 
     def forward(self, x, label=None):
         embedding = self.features(x)
-        if isinstance(self.head, LSoftmaxDense):
+        if isinstance(self.head, MarginDense):
             return embedding, self.head(embedding, label)
         return embedding, self.head(embedding)
 
 
 def build(arguments, ctx):
     features = lenet(arguments.embed_dim) if arguments.net == "lenet" else paper_net(arguments.embed_dim)
-    if arguments.backend == "softmax":
+    if arguments.loss == "softmax":
         head = nn.Dense(10, use_bias=False)
     else:
-        head = LSoftmaxDense(10, margin=arguments.margin, beta=arguments.beta, beta_min=arguments.beta_min,
-                             scale=arguments.scale, gamma=arguments.gamma, power=arguments.power,
-                             backend=arguments.backend)
+        head = MarginDense(10, kind=arguments.loss, backend=arguments.backend, **kind_settings(arguments))
     model = Classifier(features, head)
     model.initialize(mx.init.Xavier(), ctx=ctx)
     features.hybridize(static_alloc=True, static_shape=True)
@@ -93,29 +95,53 @@ def batches(images, labels, batch_size, shuffle, rng):
 
 
 def evaluate(model, images, labels, batch_size, rng, keep_features=False):
-    correct, features = 0, []
-    for data, label in batches(images, labels, batch_size, False, rng):
+    """(overall accuracy, per-class accuracy list (classes in label order), test features or None)."""
+    predictions, features = [], []
+    for data, _ in batches(images, labels, batch_size, False, rng):
         embedding, logits = model(data)
-        correct += int((logits.argmax(axis=1) == label).sum().asscalar())
+        predictions.append(logits.argmax(axis=1).asnumpy().astype(np.int64))
         if keep_features:
             features.append(embedding.asnumpy())
-    return correct / len(images), (np.concatenate(features) if keep_features else None)
+    right = np.concatenate(predictions) == labels
+    per_class = [float(right[labels == index].mean()) if np.any(labels == index) else None
+                 for index in range(int(labels.max()) + 1)]
+    return float(right.mean()), per_class, (np.concatenate(features) if keep_features else None)
 
 
-def plot_features(features, labels, path, title):
+def plot_features(features, labels, path, title, class_names):
+    """2-D features as they are (the paper's Fig. 2); 3-D features normalised onto the unit sphere."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(5, 5))
-    for digit in range(10):
-        chosen = features[labels == digit]
-        axis.scatter(chosen[:, 0], chosen[:, 1], s=1, alpha=0.5, label=str(digit))
+    sphere = features.shape[1] == 3
+    figure = plt.figure(figsize=(5, 5))
+    axis = figure.add_subplot(projection="3d" if sphere else None)
+    if sphere:
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        features = features / np.maximum(norms, np.finfo(features.dtype).tiny)
+        axis.view_init(elev=25, azim=35)
+        axis.set_box_aspect((1, 1, 1))
+        for setter in (axis.set_xlim, axis.set_ylim, axis.set_zlim):
+            setter(-1, 1)
+    for index, name in enumerate(class_names):
+        chosen = features[labels == index]
+        axis.scatter(*chosen.T, s=1, alpha=0.5, label=name)
     axis.set_title(title)
     axis.legend(markerscale=8, fontsize=7, loc="upper right")
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def head_title(arguments):
+    """'softmax', 'L-Softmax m=4', 'ArcFace s=16 m=0.3', ...: the head and its margin settings."""
+    if arguments.loss == "softmax":
+        return "softmax"
+    row = KINDS[arguments.loss]
+    shown = [f"{name if name != 'margin' else 'm'}={getattr(arguments, name):g}"
+             for name in ("s", "margin", "m1", "m2", "m3") if name in EXAMPLE_DEFAULTS[arguments.loss]]
+    return f"{row.title} {' '.join(shown)}"
 
 
 def machine():
@@ -153,43 +179,106 @@ def code_version():
     return commit + ("+changes" if changed else "")
 
 
-def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# The example's defaults per loss: the table of kinds (the papers' settings), except that
+# lsoftmax keeps this example's MNIST schedule (margin 4, beta 100 decaying by 0.99 a step).
+LOSSES = ("softmax",) + tuple(KINDS)
+EXAMPLE_DEFAULTS = {name: {**SCHEDULE, **row.schedule, **row.defaults} for name, row in KINDS.items()}
+EXAMPLE_DEFAULTS["lsoftmax"].update(margin=4, beta=100.0, scale=0.99)
+KIND_SETTINGS = tuple(SETTINGS)  # margin, s, easy_margin, m1, m2, m3, beta, beta_min, scale, gamma, power
+
+
+def kind_settings(arguments):
+    """The head's settings from the parsed arguments: the ones its kind takes."""
+    return {name: getattr(arguments, name) for name in EXAMPLE_DEFAULTS[arguments.loss]}
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _boolean(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _defaults_text(name):
+    shown = [f"{loss} {defaults[name]:g}" if not isinstance(defaults[name], bool) else f"{loss} {defaults[name]}"
+             for loss, defaults in EXAMPLE_DEFAULTS.items() if name in defaults]
+    return "; default: " + ", ".join(shown)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist", help="the data set")
     parser.add_argument("--net", choices=["lenet", "paper"], default="lenet", help="the network")
-    parser.add_argument("--backend", choices=["softmax", "python", "compiled", "auto"], default="auto",
-                        help="softmax = plain FC baseline")
+    parser.add_argument("--loss", choices=LOSSES, default="lsoftmax",
+                        help="the head: softmax = plain FC + softmax, else a margin kind")
+    parser.add_argument("--backend", choices=["auto", "python", "compiled", "softmax"], default="auto",
+                        help="the margin op's backend; 'softmax' is the older spelling of --loss softmax")
     parser.add_argument("--embed-dim", type=positive_int, default=None,
-                        help="feature size before the head (2: the figure); default 256 for lenet, 512 for paper")
-    parser.add_argument("--margin", type=positive_int, default=4, help="L-Softmax margin m")
-    parser.add_argument("--beta", type=non_negative_float, default=100.0, help="initial beta of the schedule")
-    parser.add_argument("--beta-min", type=non_negative_float, default=0.0, help="floor of beta")
-    parser.add_argument("--scale", type=positive_float, default=0.99, help="beta decay per step, in (0, 1]")
-    parser.add_argument("--gamma", type=non_negative_float, default=0.0, help="Caffe's power-decay rate")
-    parser.add_argument("--power", type=positive_float, default=1.0, help="Caffe's power-decay exponent")
+                        help="feature size before the head (2: the plane figure, 3: the sphere figure); "
+                             "default 256 for lenet, 512 for paper")
+    # The kind's settings, one option per row of mx_lsoftmax.kinds.SETTINGS; a default of
+    # None means "the loss's own" (listed in the help), resolved after parsing.
+    for name in KIND_SETTINGS:
+        setting = SETTINGS[name]
+        value_type = _boolean if setting.type is bool else _finite_float
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=value_type, default=None,
+                            help=f"{setting.description} ({setting.describe_range()})"
+                                 f"{_defaults_text(name)}; softmax takes none")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
     parser.add_argument("--lr-steps", type=non_negative_int, nargs="*", default=[10], help="epochs at which lr x0.1")
     parser.add_argument("--wd", type=non_negative_float, default=5e-4, help="weight decay")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
-    parser.add_argument("--data-dir", default=None, help="MNIST IDX files (else $MNIST_DIR, ~/.mxnet/datasets/mnist)")
+    parser.add_argument("--data-dir", default=None,
+                        help="the data set's IDX files (else $MNIST_DIR or $FASHION_MNIST_DIR, then the usual folders)")
     parser.add_argument("--train-limit", type=non_negative_int, default=0,
                         help="use only the first N training images (0: all)")
     parser.add_argument("--test-limit", type=non_negative_int, default=0, help="use only the first N test images (0: all)")
     parser.add_argument("--json", metavar="PATH", help="write final metrics and settings here")
-    parser.add_argument("--plot", metavar="PATH", help="draw 2-D test features (needs --embed-dim 2)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="draw the test features: the plane (--embed-dim 2) or the unit sphere (--embed-dim 3)")
     parser.add_argument("--save", metavar="PREFIX", help="save parameters and trainer state after each epoch")
     parser.add_argument("--resume", metavar="PREFIX", help="resume from a --save prefix")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_arguments(argv=None):
+    parser = build_parser()
     arguments = parser.parse_args(argv)
+    if arguments.backend == "softmax" or arguments.loss == "softmax":
+        arguments.loss = arguments.backend = "softmax"
     if arguments.embed_dim is None:
         arguments.embed_dim = 512 if arguments.net == "paper" else 256
-    if arguments.plot and arguments.embed_dim != 2:
-        parser.error(f"--plot needs --embed-dim 2, got --embed-dim {arguments.embed_dim}")
-    check_margin_settings(parser, "lsoftmax", margin=arguments.margin, beta=arguments.beta,
-                          beta_min=arguments.beta_min, scale=arguments.scale, gamma=arguments.gamma,
-                          power=arguments.power)
+    if arguments.plot and arguments.embed_dim not in (2, 3):
+        parser.error(f"--plot needs --embed-dim 2 or 3, got --embed-dim {arguments.embed_dim}")
+    taken = EXAMPLE_DEFAULTS.get(arguments.loss, {})
+    for name in KIND_SETTINGS:
+        given = getattr(arguments, name)
+        if name not in taken:
+            if given is not None:
+                parser.error(f"--{name.replace('_', '-')} {given}: the {arguments.loss} loss does not take it "
+                             f"(its settings: {', '.join(sorted(taken)) or 'none'})")
+            continue
+        setattr(arguments, name, taken[name] if given is None else given)
+    if arguments.loss != "softmax":
+        # Ranges and kind rules (an integer margin for lsoftmax / sphereface) from the table;
+        # the resolved values (ints where the kind takes ints) go into the --json settings.
+        settings = check_margin_settings(parser, arguments.loss, **kind_settings(arguments))
+        for name, value in settings.values.items():
+            setattr(arguments, name, value)
     return arguments
 
 
@@ -199,11 +288,11 @@ def main(argv=None):
     np.random.seed(arguments.seed)
     rng = np.random.default_rng(arguments.seed)
     try:
-        mnist = load_mnist(arguments.data_dir)
+        loaded = load_dataset(arguments.dataset, arguments.data_dir)
     except DataError as error:
         raise SystemExit(f"error: {error}")
-    train_images, train_labels = mnist["train"]
-    test_images, test_labels = mnist["test"]
+    train_images, train_labels = loaded["train"]
+    test_images, test_labels = loaded["test"]
     if arguments.train_limit:
         train_images, train_labels = train_images[:arguments.train_limit], train_labels[:arguments.train_limit]
     if arguments.test_limit:
@@ -254,8 +343,8 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{batch_loss:.3f}")
         if progress is not None:
             progress.close()
-        test_accuracy, _ = evaluate(model, test_images, test_labels, 500, rng)
-        beta = model.head.current_beta if isinstance(model.head, LSoftmaxDense) else None
+        test_accuracy, _, _ = evaluate(model, test_images, test_labels, 500, rng)
+        beta = model.head.current_beta if isinstance(model.head, MarginDense) else None
         speed = seen / elapsed
         samples_per_second.append(speed)
         entry = dict(epoch=epoch + 1, loss=total_loss / seen, train_accuracy=correct / seen,
@@ -270,13 +359,14 @@ def main(argv=None):
             with open(arguments.save + ".json", "w") as handle:
                 json.dump({"epoch": epoch + 1}, handle)
 
-    test_accuracy, features = evaluate(model, test_images, test_labels, 500, rng, keep_features=bool(arguments.plot))
+    test_accuracy, per_class, features = evaluate(model, test_images, test_labels, 500, rng,
+                                                  keep_features=bool(arguments.plot))
     if arguments.plot:
-        title = "softmax" if arguments.backend == "softmax" else f"L-Softmax m={arguments.margin}"
-        plot_features(features, test_labels, arguments.plot, f"{title}: test accuracy {test_accuracy:.2%}")
-    summary = dict(test_accuracy=test_accuracy,
+        plot_features(features, test_labels, arguments.plot, f"{head_title(arguments)}: test accuracy "
+                      f"{test_accuracy:.2%}", DATASETS[arguments.dataset].class_names)
+    summary = dict(test_accuracy=test_accuracy, test_accuracy_per_class=per_class,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
-                   final_beta=model.head.current_beta if isinstance(model.head, LSoftmaxDense) else None,
+                   final_beta=model.head.current_beta if isinstance(model.head, MarginDense) else None,
                    settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(),
                    machine=machine(), epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)

@@ -100,3 +100,35 @@ def test_real_mnist_when_present():
     assert mnist["train"][0].shape == (60000, 28, 28)
     assert mnist["test"][0].shape == (10000, 28, 28)
     assert set(np.unique(mnist["test"][1])) == set(range(10))
+
+
+def test_fashion_mnist_is_found_by_its_own_variable_and_never_downloaded(tmp_path, monkeypatch):
+    from mx_lsoftmax.support.data import load_dataset
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(DataError) as error:  # download=True: no mirror is tried for Fashion-MNIST
+        load_dataset("fashion-mnist", str(tmp_path / "nowhere"))
+    assert "fashion-mnist not found" in str(error.value) and "FASHION_MNIST_DIR" in str(error.value)
+    assert "dataset-fashion-mnist" in str(error.value)
+    (tmp_path / "fashion").mkdir()
+    write_idx(str(tmp_path / "fashion"))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "fashion"))
+    loaded = load_dataset("fashion-mnist", download=False)
+    assert loaded["train"][0].shape[1:] == (28, 28)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_dataset("cifar10")
+
+
+def test_real_fashion_mnist_when_present():
+    from mx_lsoftmax.support.data import DATASETS, load_dataset
+    directory = os.environ.get("FASHION_MNIST_DIR")
+    if not directory or not os.path.isdir(directory):
+        pytest.skip("FASHION_MNIST_DIR is not set to the real Fashion-MNIST files")
+    loaded = load_dataset("fashion-mnist", directory, download=False)
+    assert loaded["train"][0].shape == (60000, 28, 28)
+    assert np.bincount(loaded["test"][1]).tolist() == [1000] * 10
+    assert len(DATASETS["fashion-mnist"].class_names) == 10
+    # A different data set from MNIST: the first training images differ.
+    mnist_dir = os.environ.get("MNIST_DIR")
+    if mnist_dir and os.path.isdir(mnist_dir):
+        assert not np.array_equal(load_mnist(mnist_dir, download=False)["train"][0][:10], loaded["train"][0][:10])

@@ -17,10 +17,11 @@ def test_short_run_learns_and_writes_json(tmp_path, backend):
         if not mx_lsoftmax.library.is_loaded():
             pytest.skip("the compiled library is not built (run `make`)")
     summary_path = tmp_path / "summary.json"
+    head = [] if backend == "softmax" else ["--margin", "2", "--beta", "10"]
     load_example("train_mnist").main(["--backend", backend, "--epochs", "2", "--train-limit", "10000",
-                         "--test-limit", "1000", "--embed-dim", "2", "--margin", "2", "--beta", "10",
-                         "--lr", "0.05", "--lr-steps", "--no-progress", "--json", str(summary_path),
-                         "--plot", str(tmp_path / "features.png")])
+                         "--test-limit", "1000", "--embed-dim", "2", "--lr", "0.05", "--lr-steps",
+                         "--no-progress", "--json", str(summary_path),
+                         "--plot", str(tmp_path / "features.png")] + head)
     summary = json.loads(summary_path.read_text())
     assert summary["test_accuracy"] > 0.5  # chance is 0.1
     assert summary["train_samples_per_sec"] > 0
@@ -80,3 +81,41 @@ def test_results_script_reuses_only_matching_logs(tmp_path, monkeypatch):
     (tmp_path / "accuracy_4_seed1.json").write_text(json.dumps({"test_accuracy": 0.99, "settings": settings}))
     assert results.run("accuracy_4_seed1", argv, arguments)["test_accuracy"] == 0.5
     assert trained and "--epochs" in trained[0] and trained[0][trained[0].index("--epochs") + 1] == "20"
+
+
+@pytest.mark.parametrize("loss", ["sphereface", "cosface", "arcface", "combined"])
+def test_every_kind_trains_on_fashion_mnist_and_draws_the_sphere(tmp_path, loss):
+    if resolve_directory(None, "fashion-mnist") is None:
+        pytest.skip("real Fashion-MNIST not found (set FASHION_MNIST_DIR, see ../shared/data/fashion-mnist)")
+    summary_path, plot_path = tmp_path / "summary.json", tmp_path / "sphere.png"
+    head = {"sphereface": [], "cosface": ["--s", "16", "--margin", "0.2"], "arcface": ["--s", "16", "--margin", "0.3"],
+            "combined": ["--s", "16", "--m2", "0.2", "--m3", "0.1"]}[loss]
+    load_example("train_mnist").main(["--dataset", "fashion-mnist", "--loss", loss, "--epochs", "1",
+                                      "--train-limit", "6000", "--test-limit", "1000", "--no-progress",
+                                      "--json", str(summary_path)] + head)
+    summary = json.loads(summary_path.read_text())
+    settings = summary["settings"]
+    assert settings["dataset"] == "fashion-mnist" and settings["loss"] == loss
+    assert summary["test_accuracy"] > 0.3  # chance is 0.1
+    assert len(summary["test_accuracy_per_class"]) == 10
+    # The overall accuracy is the class-weighted mean of the per-class ones.
+    import numpy as np
+    from mx_lsoftmax.support.data import load_dataset
+    counts = np.bincount(load_dataset("fashion-mnist", download=False)["test"][1][:1000], minlength=10)
+    assert np.dot(counts, summary["test_accuracy_per_class"]) / counts.sum() == pytest.approx(summary["test_accuracy"])
+    # The settings the kind takes are recorded with their values, the others as None.
+    assert settings["s"] == (None if loss == "sphereface" else 16.0) and settings["m1"] == (1.0 if loss == "combined" else None)
+    if loss == "arcface":  # the sphere figure: a 3-D embedding on the unit sphere
+        load_example("train_mnist").main(["--dataset", "fashion-mnist", "--loss", loss, "--epochs", "1",
+                                          "--train-limit", "1000", "--test-limit", "500", "--embed-dim", "3",
+                                          "--no-progress", "--plot", str(plot_path)] + head)
+        assert plot_path.stat().st_size > 1000
+
+
+def test_help_lists_each_kinds_defaults(capsys):
+    with pytest.raises(SystemExit):
+        load_example("train_mnist").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("lsoftmax 4", "sphereface 4", "cosface 0.35", "arcface 0.5", "cosface 64", "combined 0.3",
+                     "sphereface 1000", "lsoftmax 100"):
+        assert expected in text, expected

@@ -7,8 +7,18 @@ import argparse
 
 from ..kinds import MarginSettings
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "shape",
+__all__ = ["DefaultsFormatter", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "shape",
            "check_margin_settings"]
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help; an option whose help already states its
+    default (one that depends on another option) is left as written."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number(kind, text, accept, condition):

@@ -1,7 +1,9 @@
 """MNIST and Fashion-MNIST in IDX format, for the examples.
 
-Search order for the four files: ``data_dir``, ``$MNIST_DIR``, ``~/.mxnet/datasets/mnist``,
-then a download from the usual mirror. Both spellings of the names are accepted
+Both data sets share the IDX format and the four file names; ``DATASETS`` says
+where each is looked for. Search order: ``data_dir``, the data set's environment
+variable (``$MNIST_DIR``, ``$FASHION_MNIST_DIR``), its usual folders, then (MNIST
+only) a download from the usual mirror. Both spellings of the names are accepted
 (``train-images-idx3-ubyte`` and ``train-images.idx3-ubyte``), gzip-compressed or raw.
 Every file is checked (magic number, counts, sizes) and a bad one is named.
 """
@@ -11,10 +13,11 @@ import struct
 import zlib
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["load_mnist", "DataError", "MNIST_FILES"]
+__all__ = ["load_dataset", "load_mnist", "resolve_directory", "DataError", "MNIST_FILES", "DATASETS"]
 
 MNIST_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -22,9 +25,34 @@ MNIST_FILES = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
-MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".mxnet", "datasets", "mnist")
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where one IDX data set is looked for, and what its classes are."""
+
+    name: str
+    environment: str          # the variable naming its folder
+    folders: tuple            # usual folders, after data_dir and the variable
+    mirror: str               # download URL prefix, or None (no download)
+    class_names: tuple
+    hint: str                 # how to get it when it is missing
+
+
+DATASETS = {dataset.name: dataset for dataset in (
+    Dataset("mnist", "MNIST_DIR", (os.path.join(os.path.expanduser("~"), ".mxnet", "datasets", "mnist"),),
+            "https://ossci-datasets.s3.amazonaws.com/mnist/", tuple(str(digit) for digit in range(10)),
+            "or give make the folder: `make demo MNIST_DIR=/path/to/mnist`, "
+            "`make test MNIST_DIR=/path/to/mnist`"),
+    Dataset("fashion-mnist", "FASHION_MNIST_DIR",
+            (os.path.join(os.path.expanduser("~"), ".mxnet", "datasets", "fashion-mnist"),
+             "/usr/share/datasets/fashion-mnist"),
+            None, ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot"),
+            "or install Debian's package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"),
+)}
+DEFAULT_DIR = DATASETS["mnist"].folders[0]
 
 
 class DataError(RuntimeError):
@@ -76,11 +104,11 @@ def parse_idx(blob, path, kind):
     return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _download(directory, base):
+def _download(mirror, directory, base):
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, base + ".gz")
     try:
-        with urllib.request.urlopen(MIRROR + base + ".gz", timeout=20) as response, open(target, "wb") as out:
+        with urllib.request.urlopen(mirror + base + ".gz", timeout=20) as response, open(target, "wb") as out:
             out.write(response.read())
     except (urllib.error.URLError, OSError) as error:
         if os.path.exists(target):
@@ -89,30 +117,42 @@ def _download(directory, base):
     return None
 
 
-def resolve_directory(data_dir=None):
-    """The first directory that holds all four files, or None."""
-    for directory in (data_dir, os.environ.get("MNIST_DIR"), DEFAULT_DIR):
-        if directory and all(_find(directory, base) for base in MNIST_FILES.values()):
+def _dataset(name):
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
+    return DATASETS[name]
+
+
+def _places(dataset, data_dir):
+    return [place for place in (data_dir, os.environ.get(dataset.environment), *dataset.folders) if place]
+
+
+def resolve_directory(data_dir=None, dataset="mnist"):
+    """The first folder that holds all four files of ``dataset``, or None."""
+    for directory in _places(_dataset(dataset), data_dir):
+        if all(_find(directory, base) for base in MNIST_FILES.values()):
             return directory
     return None
 
 
-def load_mnist(data_dir=None, download=True):
+def load_dataset(dataset="mnist", data_dir=None, download=True):
     """Return {'train': (images, labels), 'test': (images, labels)}, uint8 arrays.
 
-    images: (count, 28, 28); labels: (count,). Raises DataError with the file to
-    fix, or, offline with no local copy, with the files to put where.
+    dataset: 'mnist' or 'fashion-mnist'. images: (count, 28, 28); labels: (count,)
+    in 0..9. Raises DataError with the file to fix, or, with no local copy (and,
+    for MNIST, no network), with the files to put where.
     """
-    directory = resolve_directory(data_dir)
+    spec = _dataset(dataset)
+    directory = resolve_directory(data_dir, dataset)
     if directory is None:
-        directory = data_dir or os.environ.get("MNIST_DIR") or DEFAULT_DIR
-        if not download:
-            raise DataError(_missing_message(data_dir))
+        directory = _places(spec, data_dir)[0]
+        if not download or spec.mirror is None:
+            raise DataError(_missing_message(spec, data_dir))
         for base in MNIST_FILES.values():
             if _find(directory, base) is None:
-                error = _download(directory, base)
+                error = _download(spec.mirror, directory, base)
                 if error is not None:
-                    raise DataError(f"could not download {base}.gz ({error}). " + _missing_message(data_dir))
+                    raise DataError(f"could not download {base}.gz ({error}). " + _missing_message(spec, data_dir))
     result = {}
     for split in ("train", "test"):
         arrays = []
@@ -130,10 +170,13 @@ def load_mnist(data_dir=None, download=True):
     return result
 
 
-def _missing_message(data_dir):
-    places = [p for p in (data_dir, os.environ.get("MNIST_DIR"), DEFAULT_DIR) if p]
+def load_mnist(data_dir=None, download=True):
+    """MNIST: ``load_dataset('mnist', data_dir, download)``."""
+    return load_dataset("mnist", data_dir, download)
+
+
+def _missing_message(spec, data_dir):
     names = ", ".join(base + ".gz" for base in MNIST_FILES.values())
-    return (f"MNIST not found. Put the four IDX files ({names}; gzip or raw) in one of: "
-            f"{', '.join(places)} (or pass --data-dir, set MNIST_DIR, or give make the folder: "
-            f"`make demo MNIST_DIR=/path/to/mnist`, `make test MNIST_DIR=/path/to/mnist`). "
-            f"Fashion-MNIST: Debian's package dataset-fashion-mnist, /usr/share/datasets/fashion-mnist.")
+    return (f"{spec.name} not found. Put the four IDX files ({names}; gzip or raw) in one of: "
+            f"{', '.join(_places(spec, data_dir))} (or pass --data-dir, set {spec.environment}, "
+            f"{spec.hint}).")
