@@ -10,11 +10,12 @@ Importing the package registers the Python CustomOps ``op_type='MarginSoftmax'``
 """
 from . import op  # noqa: F401  (registers op_type='MarginSoftmax' and 'LSoftmax')
 from . import library
-from .dispatch import BACKENDS, inference_symbol, lsoftmax, margin_logits, new_step, resolve_backend
+from .dispatch import (BACKENDS, inference_symbol, ldam_margins, lsoftmax, margin_logits, new_step,
+                       resolve_backend)
 from .kinds import KINDS, MarginSettings, beta_at
 
 library.load()
 
 __version__ = "0.2.0"
-__all__ = ["margin_logits", "lsoftmax", "inference_symbol", "new_step", "resolve_backend",
+__all__ = ["margin_logits", "lsoftmax", "ldam_margins", "inference_symbol", "new_step", "resolve_backend",
            "beta_at", "MarginSettings", "KINDS", "BACKENDS", "library"]

@@ -19,8 +19,8 @@ from . import graph, library
 from .kinds import MarginSettings
 from .op import FLOAT, check_labels
 
-__all__ = ["margin_logits", "lsoftmax", "inference_symbol", "resolve_backend", "new_step",
-           "BACKENDS", "check_num_classes", "check_batch", "check_inputs"]
+__all__ = ["margin_logits", "lsoftmax", "inference_symbol", "resolve_backend", "new_step", "ldam_margins",
+           "BACKENDS", "check_num_classes", "check_batch", "check_inputs", "check_class_margins"]
 
 BACKENDS = ("auto", "python", "compiled")
 
@@ -75,6 +75,39 @@ def _check_arrays(data, weight, label, num_classes):
                          f"({np.dtype(data.dtype).name}), got {np.dtype(weight.dtype).name}")
 
 
+def check_class_margins(class_margins, num_classes, dtype):
+    """Per-class margins (C,): the dtype of data, finite and >= 0; ValueError naming the value."""
+    if tuple(class_margins.shape) != (num_classes,):
+        raise ValueError(f"margin softmax input class_margins must have shape (num_hidden,) = ({num_classes},), "
+                         f"got {tuple(class_margins.shape)}")
+    if class_margins.dtype != dtype:
+        raise ValueError(f"margin softmax input class_margins must have the dtype of data "
+                         f"({np.dtype(dtype).name}), got {np.dtype(class_margins.dtype).name}")
+    values = class_margins.asnumpy()
+    bad = ~(np.isfinite(values) & (values >= 0))
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"margin softmax input class_margins must be finite and >= 0, "
+                         f"got class_margins[{index}] = {values[index]!r}")
+
+
+def ldam_margins(class_counts, max_margin=0.5):
+    """LDAM's per-class margins (Cao et al., NeurIPS 2019): m_j proportional to n_j^(-1/4),
+    scaled so that the largest (the rarest class's) is ``max_margin``.
+
+    class_counts : sequence of C training-sample counts, each >= 1.
+    Returns a float64 numpy array (C,); pass it (as an NDArray of the data's dtype) as
+    ``class_margins`` of the cosface kind, with the paper's s = 30.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or not np.all(np.isfinite(counts)) or np.any(counts < 1):
+        raise ValueError(f"ldam_margins: class_counts must be C >= 1 counts, each >= 1, got {class_counts!r}")
+    if not (np.isfinite(max_margin) and max_margin > 0):
+        raise ValueError(f"ldam_margins: max_margin must be > 0, got {max_margin!r}")
+    quarter = counts ** -0.25
+    return quarter * (max_margin / quarter.max())
+
+
 def check_inputs(data, weight, label, num_classes):
     """Shapes, dtypes and labels of a training call (weight None: not known yet); ValueError
     naming the input and the value. Reads the labels on the host once."""
@@ -83,7 +116,7 @@ def check_inputs(data, weight, label, num_classes):
 
 
 def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="auto", step=None,
-                  name=None, **settings):
+                  name=None, class_margins=None, **settings):
     """Margin-softmax logits of any kind, for NDArrays or Symbols.
 
     Parameters
@@ -101,6 +134,9 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
         Symbols: default a variable ``{name}_step`` initialised to zero, an
         auxiliary state of the graph (saved with Module checkpoints).
     name : str, the name prefix of a Symbol graph (default the kind's name).
+    class_margins : NDArray or Symbol (C,), dtype of data: the margin of each class (K10),
+        for kinds that take per-class margins (cosface; LDAM's margins, see ``ldam_margins``);
+        replaces the ``margin`` setting. Default None: one margin for every class.
     **settings : the kind's settings (``mx_lsoftmax.kinds.SETTINGS``; defaults per kind in
         ``mx_lsoftmax.kinds.KINDS``): margin, s, easy_margin, m1, m2, m3, and the schedule
         beta, beta_min, scale, gamma, power. A setting the kind does not take is an error.
@@ -119,27 +155,36 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     fast as a bound executor on MXNet 1.9.1's unpooled CPU memory.
     """
     num_classes = check_num_classes(num_hidden)
+    if class_margins is not None:
+        if "per_class_margin" not in MarginSettings(kind).values:
+            raise ValueError(f"margin softmax input class_margins: kind {kind!r} takes one margin for every "
+                             f"class (per-class margins: kind 'cosface')")
+        settings = dict(settings, per_class_margin=True)
     parsed = MarginSettings(kind, **settings)
     backend = resolve_backend(backend)
     name = name or kind
     if isinstance(data, mx.sym.Symbol):
         if step is None:
             step = mx.sym.Variable(f"{name}_step", shape=(1,), init=mx.init.Zero())
-        return graph.build(mx.sym, data, weight, label, step, num_classes, parsed, backend, name)
+        return graph.build(mx.sym, data, weight, label, step, num_classes, parsed, backend, name,
+                           class_margins)
     if not mx.autograd.is_training():
         _check_arrays(data, weight, None, num_classes)
         return graph.build(mx.nd, data, weight, None, None, num_classes, parsed, backend, name)
     check_inputs(data, weight, label, num_classes)
+    if class_margins is not None:
+        check_class_margins(class_margins, num_classes, data.dtype)
     if step is None:
         step = new_step(data.context, data.dtype)
     elif step.shape != (1,) or step.dtype != data.dtype:
         raise ValueError(f"margin softmax input step must have shape (1,) and the dtype of data, "
                          f"got shape {step.shape} dtype {np.dtype(step.dtype).name}")
     if backend == "python":
-        return graph.build(mx.nd, data, weight, label, step, num_classes, parsed, backend, name)
+        return graph.build(mx.nd, data, weight, label, step, num_classes, parsed, backend, name,
+                           class_margins)
     cached = _static_graph(num_classes, parsed, data.shape, np.dtype(data.dtype).name,
                            np.dtype(label.dtype).name, data.context)
-    return cached(data, weight, label, step)
+    return cached(data, weight, label, step, *([] if class_margins is None else [class_margins]))
 
 
 def lsoftmax(data, weight, label, num_hidden, margin=2, beta=0.0, beta_min=0.0, scale=1.0,
@@ -172,7 +217,8 @@ def _static_graph(num_classes, settings, data_shape, dtype, label_dtype, context
     and last batches and an evaluation shape or two; each holds its buffers.
     """
     inputs = [mx.sym.var(name) for name in ("data", "weight", "label", "step")]
-    symbol = graph.build(mx.sym, *inputs, num_classes, settings, "compiled", settings.kind)
+    class_margins = mx.sym.var("class_margins") if settings.values.get("per_class_margin") else None
+    symbol = graph.build(mx.sym, *inputs, num_classes, settings, "compiled", settings.kind, class_margins)
     return mx.nd.CachedOp(symbol, flags=[("static_alloc", True), ("static_shape", True)])
 
 

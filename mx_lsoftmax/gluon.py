@@ -9,11 +9,12 @@ from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
 from . import graph
-from .dispatch import check_batch, check_inputs, check_num_classes, margin_logits, resolve_backend
+from .dispatch import (check_batch, check_class_margins, check_inputs, check_num_classes, ldam_margins,
+                       margin_logits, resolve_backend)
 from .kinds import KINDS, SETTINGS, MarginSettings
 
 __all__ = ["MarginDense", "LSoftmaxDense", "SphereFaceDense", "CosFaceDense", "ArcFaceDense",
-           "CombinedMarginDense"]
+           "CombinedMarginDense", "LDAMDense"]
 
 
 class MarginDense(HybridBlock):
@@ -34,6 +35,8 @@ class MarginDense(HybridBlock):
     backend : 'auto' (default; the compiled op when built), 'python' or 'compiled'.
     weight_initializer : initializer of ``weight``; default the global one.
     dtype : 'float32' (default) or 'float64'.
+    class_margins : sequence of C margins, one per class (K10), for kinds that take them
+        (cosface; ``LDAMDense`` computes LDAM's from class counts). Default None.
     **settings : the kind's settings (margin, s, easy_margin, m1, m2, m3, beta, beta_min,
         scale, gamma, power); defaults per kind from ``mx_lsoftmax.kinds.KINDS``.
 
@@ -41,17 +44,23 @@ class MarginDense(HybridBlock):
     ``step`` (1,), the training steps taken so far (not trained, grad_req 'null'),
     so that ``save_parameters``/``load_parameters`` resume the schedule exactly.
     Each device copy advances its own ``step``; all copies take the same steps.
+    With ``class_margins``, a constant parameter ``class_margins`` (units,) holds them.
     """
 
     kind = None  # fixed by the subclasses
 
     def __init__(self, units, kind=None, in_units=0, backend="auto", weight_initializer=None,
-                 dtype="float32", **settings):
+                 dtype="float32", class_margins=None, **settings):
         prefix_settings = {key: settings.pop(key) for key in ("prefix", "params") if key in settings}
         super().__init__(**prefix_settings)
         kind = kind or self.kind or "lsoftmax"
         self._units = check_num_classes(units)
         self._in_units = in_units
+        if class_margins is not None:
+            if "per_class_margin" not in MarginSettings(kind).values:
+                raise ValueError(f"margin softmax parameter class_margins: kind {kind!r} takes one margin "
+                                 f"for every class (per-class margins: kind 'cosface')")
+            settings = dict(settings, per_class_margin=True)
         self.settings = MarginSettings(kind, **settings)
         self.backend = resolve_backend(backend)
         with self.name_scope():
@@ -59,6 +68,10 @@ class MarginDense(HybridBlock):
                                           init=weight_initializer, allow_deferred_init=True)
             self.step = self.params.get("step", shape=(1,), dtype=dtype, init=mx.init.Zero(),
                                         grad_req="null", differentiable=False)
+            if class_margins is not None:
+                values = mx.nd.array(class_margins, dtype=dtype)
+                check_class_margins(values, self._units, values.dtype)
+                self.class_margins = self.params.get_constant("class_margins", values)
 
     @property
     def schedule(self):
@@ -84,7 +97,7 @@ class MarginDense(HybridBlock):
             # structure, and inference needs neither the label nor the op.
             if self.weight._deferred_init:
                 self.infer_shape(x)
-                for parameter in (self.weight, self.step):
+                for parameter in self.params.values():
                     parameter._finish_deferred_init()
             return graph.build(mx.nd, x, self.weight.data(x.context), None, None, self._units,
                                self.settings, self.backend, self.name)
@@ -105,11 +118,14 @@ class MarginDense(HybridBlock):
     def infer_shape(self, x, label=None, *args):
         self.weight.shape = (self._units, x.shape[1])
 
-    def hybrid_forward(self, F, x, label=None, weight=None, step=None):
+    def hybrid_forward(self, F, x, label=None, weight=None, step=None, class_margins=None):
         if F is mx.nd and label is not None:  # not hybridized: the entry point and its cached graph
-            return margin_logits(x, weight, label, self._units, self.settings.kind,
-                                 backend=self.backend, step=step, **self.settings.as_dict())
-        return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd")
+            settings = {name: value for name, value in self.settings.as_dict().items()
+                        if name != "per_class_margin"}
+            return margin_logits(x, weight, label, self._units, self.settings.kind, backend=self.backend,
+                                 step=step, class_margins=class_margins, **settings)
+        return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd",
+                           class_margins)
 
     def export(self, path, epoch=0):
         """Write the inference graph (the kind's plain logits, input ``data``) for
@@ -159,3 +175,31 @@ CosFaceDense = _fixed_kind("CosFaceDense", "cosface", "CosFace / AM-Softmax (Wan
 ArcFaceDense = _fixed_kind("ArcFaceDense", "arcface", "ArcFace (Deng et al., CVPR 2019).")
 CombinedMarginDense = _fixed_kind("CombinedMarginDense", "combined",
                                   "insightface's combined margin s (cos(m1 theta + m2) - m3).")
+
+
+class LDAMDense(MarginDense):
+    """LDAM (Cao et al., NeurIPS 2019): CosFace with a margin per class, m_j proportional to
+    n_j^(-1/4) for the class's training count n_j, the largest ``max_margin``.
+
+    ``MarginDense`` with kind 'cosface' and ``class_margins = ldam_margins(class_counts,
+    max_margin)``; the defaults are the paper's code's: max_margin 0.5, s 30.
+
+    Parameters
+    ----------
+    units : int, the number of classes C.
+    class_counts : sequence of C training-sample counts (each >= 1).
+    max_margin : float, the rarest class's margin. Default 0.5.
+    s : float, the logit scale. Default 30.
+    in_units, backend, weight_initializer, dtype, and the schedule (beta, ...) as ``MarginDense``.
+    """
+
+    kind = "cosface"
+
+    def __init__(self, units, class_counts, max_margin=0.5, s=30.0, in_units=0, backend="auto",
+                 weight_initializer=None, dtype="float32", **settings):
+        if len(class_counts) != units:
+            raise ValueError(f"LDAMDense parameter class_counts must hold units = {units} counts, "
+                             f"got {len(class_counts)}")
+        super().__init__(units, "cosface", in_units=in_units, backend=backend,
+                         weight_initializer=weight_initializer, dtype=dtype,
+                         class_margins=ldam_margins(class_counts, max_margin), s=s, **settings)

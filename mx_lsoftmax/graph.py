@@ -27,12 +27,13 @@ def _normalised_rows(F, rows, scale=None):
     return F.elemwise_mul(rows, F.broadcast_like(inverse, rows))
 
 
-def build(F, data, weight, label, step, num_classes, settings, backend, name):
+def build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins=None):
     """The layer's output (N, C).
 
     label None: the plain logits of the kind (K2), stock operators only.
     Otherwise the training output (K3) of ``backend`` ('python' or 'compiled'),
-    advancing ``step`` (the schedule's auxiliary state).
+    advancing ``step`` (the schedule's auxiliary state); ``class_margins`` (C,) is
+    the extra input of settings with ``per_class_margin`` (K10).
     """
     if not isinstance(settings, MarginSettings):
         raise TypeError("settings must be a MarginSettings")
@@ -43,8 +44,11 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name):
         return F.FullyConnected(features, classifier, no_bias=True, num_hidden=num_classes,
                                 name=f"{name}_fc")
     attrs = settings.as_attrs()
+    extra = [class_margins] if settings.values.get("per_class_margin") else []
+    if bool(extra) != (class_margins is not None):
+        raise ValueError("margin softmax input class_margins goes with the setting per_class_margin=True")
     if backend == "python":
-        return F.Custom(data, weight, label, step, op_type="MarginSoftmax", num_hidden=num_classes,
+        return F.Custom(data, weight, label, *extra, step, op_type="MarginSoftmax", num_hidden=num_classes,
                         name=name, **attrs)
     logits = F.FullyConnected(data, weight, no_bias=True, num_hidden=num_classes, name=f"{name}_fc")
-    return getattr(F, COMPILED_OP)(logits, data, weight, label, step, name=name, **attrs)[0]
+    return getattr(F, COMPILED_OP)(logits, data, weight, label, step, *extra, name=name, **attrs)[0]

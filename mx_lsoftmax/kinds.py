@@ -69,6 +69,8 @@ SETTINGS = {setting.name: setting for setting in (
             low_open=True),
     Setting("gamma", float, "power-decay rate of beta per training step", low=0.0),
     Setting("power", float, "power-decay exponent of beta", low=0.0, low_open=True),
+    Setting("per_class_margin", bool, "cosface: the margin of each class comes from the extra "
+            "input class_margins (C,) (LDAM); set by passing class_margins"),
 )}
 
 # The schedule (D12), taken by every kind; beta = 0 (no blending) unless a kind says otherwise.
@@ -150,7 +152,8 @@ KINDS = {kind.name: kind for kind in (
     Kind("lsoftmax", "L-Softmax", False, False, {"margin": 2}, _psi_chebyshev, integer_margin=True),
     Kind("sphereface", "SphereFace", False, True, {"margin": 4}, _psi_chebyshev, integer_margin=True,
          schedule={"beta": 1000.0, "beta_min": 5.0, "gamma": 0.12, "power": 1.0}),
-    Kind("cosface", "CosFace", True, True, {"margin": 0.35, "s": 64.0}, _psi_cosface),
+    Kind("cosface", "CosFace", True, True, {"margin": 0.35, "s": 64.0, "per_class_margin": False},
+         _psi_cosface),
     Kind("arcface", "ArcFace", True, True, {"margin": 0.5, "s": 64.0, "easy_margin": False},
          _psi_arcface),
     Kind("combined", "combined margin", True, True, {"m1": 1.0, "m2": 0.3, "m3": 0.2, "s": 64.0},
@@ -262,6 +265,10 @@ class MarginSettings:
             attrs[name] = str(int(value)) if isinstance(value, bool) else (
                 str(value) if isinstance(value, int) else repr(float(value)))
         return attrs
+
+    def with_values(self, **values):
+        """A copy with some values changed, validated like the constructor."""
+        return MarginSettings(self.kind, **{**self.values, **values})
 
     def beta_at(self, step):
         """The blend weight of the training forward number ``step`` (0-based) (D12)."""

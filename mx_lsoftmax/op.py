@@ -59,10 +59,12 @@ def scale_factors(settings, norm_x, norm_w):
     return rho, kappa
 
 
-def target_column(settings, f, norm_x, norm_w, beta, floor):
+def target_column(settings, f, norm_x, norm_w, beta, floor, margin=None):
     """The target logit and its partials, float64 NDArrays of shape (N,) (K3, K7, K9).
 
-    f = x . w_y (raw), norm_x = |x|, norm_w = |w_y|. Returns a dict with
+    f = x . w_y (raw), norm_x = |x|, norm_w = |w_y|; ``margin`` (N,) float64, the
+    margin of each row's class where the kind takes per-class margins (K10), else None
+    (the settings' margin). Returns a dict with
     o (the training target), d_f = do/df, d_norm_x = do/d|x|, d_norm_w = do/d|w_y|;
     degenerate rows (|x| |w_y| = 0) keep the plain logit z of the kind and its partials.
     """
@@ -72,7 +74,8 @@ def target_column(settings, f, norm_x, norm_w, beta, floor):
     regular = product > 0
     # f / |x| / |w_y| rather than f / (|x| |w_y|): the product of two float64 norms can overflow.
     c = mx.nd.clip(f * _inverse_or_zero(norm_x) * _inverse_or_zero(norm_w), -1.0, 1.0)
-    psi, psi_prime = row.psi(c, settings.values, floor)
+    values = settings.values if margin is None else dict(settings.values, margin=margin)
+    psi, psi_prime = row.psi(c, values, floor)
     z = rho * kappa * f
     radius = rho * kappa * product  # r of (K1)
     blend = 1.0 / (1.0 + beta)
@@ -168,7 +171,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
 
     @relay_errors
     def forward(self, is_train, req, in_data, out_data, aux):
-        data, weight, label = in_data
+        data, weight, label = in_data[:3]
         row = self.settings.row
         dtype = data.dtype
         # Write the product straight into the output when allowed: a (N, C)
@@ -183,7 +186,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if normalised:
             saved["norm_all_w"] = row_norms(weight)
         if is_train:
-            saved["target"] = self._target(data, weight, label, logits, aux[0], saved)
+            class_margins = in_data[3] if self.settings.values.get("per_class_margin") else None
+            saved["target"] = self._target(data, weight, label, logits, aux[0], saved, class_margins)
         if normalised:
             rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
@@ -198,7 +202,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if req[0] != "write":
             self.assign(out_data[0], req[0], logits)
 
-    def _target(self, data, weight, label, logits, step, saved):
+    def _target(self, data, weight, label, logits, step, saved, class_margins=None):
         """The training target column (K3) and the per-row coefficients of (K8).
 
         Reads the raw target products from ``logits`` before they are scaled,
@@ -214,7 +218,9 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         norm_x = saved["norm_x"]
         norm_w = (mx.nd.take(saved["norm_all_w"], label_index) if saved["normalised"]
                   else mx.nd.norm(w_y, axis=1).astype("float64"))
-        column = target_column(self.settings, f, norm_x, norm_w, beta, angle_floor(data.dtype))
+        margin = (None if class_margins is None
+                  else mx.nd.take(class_margins, label_index).astype("float64"))
+        column = target_column(self.settings, f, norm_x, norm_w, beta, angle_floor(data.dtype), margin)
         step[:] = t + 1
         # MXNet waits for the outputs of a CustomOp, not for its auxiliary
         # states: without this wait the executor could read a stale step.
@@ -241,7 +247,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         dx += (do/df - 1) g w_y, dW rows y_i += (do/df - 1) g x_i.
         A backward after an inference forward differentiates the plain logits.
         """
-        data, weight, label = in_data
+        data, weight, label = in_data[:3]
         dtype = data.dtype
         grad_output = out_grad[0]
         grad_data = in_grad[0] if req[0] == "write" else mx.nd.empty(data.shape, data.context, dtype)
@@ -291,7 +297,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             self.assign(in_grad[0], req[0], grad_data)
         if req[1] != "write":
             self.assign(in_grad[1], req[1], grad_weight)
-        self.assign(in_grad[2], req[2], mx.nd.zeros_like(label))
+        for index in range(2, len(in_data)):  # labels and class margins are constants
+            self.assign(in_grad[index], req[index], mx.nd.zeros_like(in_data[index]))
 
 
 class MarginSoftmaxProp(mx.operator.CustomOpProp):
@@ -331,8 +338,11 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
             attrs = dict(attrs, kind=self.fixed_kind)
         self.settings = MarginSettings.from_attrs(attrs)
 
+    def _per_class_margin(self):
+        return self.error is None and bool(self.settings.values.get("per_class_margin"))
+
     def list_arguments(self):
-        return ["data", "weight", "label"]
+        return ["data", "weight", "label"] + (["class_margins"] if self._per_class_margin() else [])
 
     def list_outputs(self):
         return ["output"]
@@ -355,7 +365,13 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
                 f"got {tuple(weight_shape)}")
         if label_shape and tuple(label_shape) != (n,):
             raise ValueError(f"margin softmax input label must have shape (N,) = ({n},), got {tuple(label_shape)}")
-        return [data_shape, expected_weight, (n,)], [(n, self.num_classes)], [(1,)]
+        shapes = [data_shape, expected_weight, (n,)]
+        if self._per_class_margin():
+            if in_shape[3] and tuple(in_shape[3]) != (self.num_classes,):
+                raise ValueError(f"margin softmax input class_margins must have shape (num_hidden,) = "
+                                 f"({self.num_classes},), got {tuple(in_shape[3])}")
+            shapes.append((self.num_classes,))
+        return shapes, [(n, self.num_classes)], [(1,)]
 
     @relay_errors
     def infer_type(self, in_type):
@@ -363,10 +379,10 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
         if np.dtype(dtype).name not in FLOAT:
             raise ValueError(f"margin softmax input data must be float32 or float64, got {np.dtype(dtype).name}")
         label_type = in_type[2] if in_type[2] is not None else dtype
-        return [dtype, dtype, label_type], [dtype], [dtype]
+        return [dtype, dtype, label_type] + [dtype] * (len(in_type) - 3), [dtype], [dtype]
 
     def declare_backward_dependency(self, out_grad, in_data, out_data):
-        return [out_grad[0], in_data[0], in_data[1], in_data[2], out_data[0]]
+        return [out_grad[0], *in_data, out_data[0]]
 
     def create_operator(self, ctx, shapes, dtypes):
         return MarginSoftmaxOp(self.settings, self.num_classes)

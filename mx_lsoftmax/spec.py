@@ -256,8 +256,14 @@ def _target_terms(kind, u, v, settings, beta, angle_floor):
     return a * b * p, d_u, d_v
 
 
-def family_forward(kind, data, weight, label, beta, **settings):
-    """Training output (N, C) of any kind (K2, K3); ``beta`` the schedule's value."""
+def _row_settings(settings, class_margins, y):
+    """(K10): with per-class margins, row i uses its class's margin."""
+    return settings if class_margins is None else dict(settings, margin=float(class_margins[y]))
+
+
+def family_forward(kind, data, weight, label, beta, class_margins=None, **settings):
+    """Training output (N, C) of any kind (K2, K3); ``beta`` the schedule's value;
+    ``class_margins`` (C,): each class's margin (K10), else None."""
     data, weight = _as_f64(data, weight)
     label = np.asarray(label).astype(np.int64)
     x_hat, w_hat, _, _ = _used_inputs(kind, data, weight, settings)
@@ -266,7 +272,8 @@ def family_forward(kind, data, weight, label, beta, **settings):
         u, v = x_hat[i], w_hat[y]
         if np.linalg.norm(u) * np.linalg.norm(v) == 0.0:
             continue  # (K9): the plain logit, 0
-        f, _, _ = _target_terms(kind, u, v, settings, beta, FLOAT64_ANGLE_FLOOR)
+        f, _, _ = _target_terms(kind, u, v, _row_settings(settings, class_margins, y), beta,
+                                FLOAT64_ANGLE_FLOOR)
         logits[i, y] = (beta * logits[i, y] + f) / (1.0 + beta)
     return logits
 
@@ -279,7 +286,7 @@ def family_inference(kind, data, weight, **settings):
 
 
 def family_backward(kind, data, weight, label, beta, grad_output, angle_floor=FLOAT64_ANGLE_FLOOR,
-                    **settings):
+                    class_margins=None, **settings):
     """(dL/d data, dL/d weight) of the training output, through the explicit normalisations."""
     data, weight, grad_output = _as_f64(data, weight, grad_output)
     label = np.asarray(label).astype(np.int64)
@@ -290,7 +297,8 @@ def family_backward(kind, data, weight, label, beta, grad_output, angle_floor=FL
         u, v = x_hat[i], w_hat[y]
         if np.linalg.norm(u) * np.linalg.norm(v) == 0.0:
             continue
-        _, d_u, d_v = _target_terms(kind, u, v, settings, beta, angle_floor)
+        _, d_u, d_v = _target_terms(kind, u, v, _row_settings(settings, class_margins, y), beta,
+                                    angle_floor)
         g = grad_output[i, y] / (1.0 + beta)
         grad_x_hat[i] += g * (d_u - v)
         grad_w_hat[y] += g * (d_v - u)

@@ -153,10 +153,39 @@ def test_c_entry_points_parse_settings_with_the_op_parser():
     library = ctypes.CDLL(CUDA_LIBRARY)
     library.margin_softmax_last_error.restype = ctypes.c_char_p
     forward = library.margin_softmax_forward_float64
-    forward.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+    pointers = 10  # logits, data, weight, label, step, class_margins, out, beta_used, data_norm, weight_norm
+    forward.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3
+                        + [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p])
     for text, message in ((b"kind=cosface;m1=2", "kind cosface does not take the setting 'm1'"),
                           (b"kind=arcface;s=0", "parameter s must be > 0, got 0"),
-                          (b"kind=sphereface;margin=2.5", "parameter margin must be an integer >= 1, got 2.5")):
-        assert forward(*([None] * 9), 1, 1, 1, text, None, None) == BAD_SETTINGS
+                          (b"kind=sphereface;margin=2.5", "parameter margin must be an integer >= 1, got 2.5"),
+                          (b"kind=arcface;per_class_margin=1", "kind arcface does not take the setting 'per_class_margin'"),
+                          (b"kind=cosface;per_class_margin=2", "parameter per_class_margin must be in [0, 1], got 2")):
+        assert forward(*([None] * pointers), 1, 1, 1, text, None, None) == BAD_SETTINGS
         assert message in library.margin_softmax_last_error().decode()
     assert settings_text(MarginSettings("arcface", margin=0.4)).startswith(b"kind=arcface;")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernels_per_class_margins_match_spec(kernels, dtype):
+    """(K10): cosface with a margin per class (LDAM) through the CUDA kernels."""
+    settings = MarginSettings("cosface", s=30.0, per_class_margin=True)
+    data, weight, label = kind_inputs("cosface", settings.values, 64, 300, 11, seed=5)
+    label[:8] = 3
+    margins = np.linspace(0.0, 0.5, 11)
+    grad = np.random.default_rng(6).standard_normal((64, 11))
+    cupy = kernels.cupy
+    x, w = cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype)
+    status, saved, out = kernels.forward(x, w, cupy.asarray(label, dtype=cupy.int64), cupy.zeros((1,), dtype=dtype),
+                                         settings, class_margins=cupy.asarray(margins, dtype=dtype))
+    assert status == SUCCESS
+    status, grad_data, grad_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), saved)
+    assert status == SUCCESS
+    floor = float(np.sqrt(np.finfo(dtype).eps))
+    want = (spec.family_forward("cosface", data, weight, label, 0.0, class_margins=margins, s=30.0),
+            *spec.family_backward("cosface", data, weight, label, 0.0, grad, angle_floor=floor,
+                                  class_margins=margins, s=30.0))
+    tolerance = TOLERANCE[dtype] if dtype == "float64" else dict(rtol=1e-3, atol=1e-3)
+    for got, expected in zip((out, grad_data, grad_weight), want):
+        scale = max(1.0, float(np.abs(expected).max())) if dtype == "float32" else 1.0
+        np.testing.assert_allclose(cupy.asnumpy(got) / scale, expected / scale, **tolerance)

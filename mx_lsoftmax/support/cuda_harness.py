@@ -67,10 +67,10 @@ class KernelHarness:
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
         for suffix in ("float32", "float64"):
             forward = getattr(self.library, f"margin_softmax_forward_{suffix}")
-            forward.argtypes = [pointer] * 9 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
+            forward.argtypes = [pointer] * 10 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
             forward.restype = ctypes.c_int
             backward = getattr(self.library, f"margin_softmax_backward_{suffix}")
-            backward.argtypes = [pointer] * 12 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
+            backward.argtypes = [pointer] * 13 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
             backward.restype = ctypes.c_int
         self.library.margin_softmax_scratch_bytes.argtypes = [int64, int64]
         self.library.margin_softmax_scratch_bytes.restype = ctypes.c_size_t
@@ -88,8 +88,9 @@ class KernelHarness:
         size = self.library.margin_softmax_scratch_bytes(rows, classes)
         return self.cupy.empty((size,), dtype=self.cupy.uint8)
 
-    def forward(self, x, w, label, step, settings):
-        """x (N, D), w (C, D), label (N,) int64, step (1,): CuPy arrays of one float dtype.
+    def forward(self, x, w, label, step, settings, class_margins=None):
+        """x (N, D), w (C, D), label (N,) int64, step (1,): CuPy arrays of one float dtype;
+        class_margins (C,) of that dtype with settings ``per_class_margin`` (cosface), else None.
 
         Returns (status, saved, out) with ``saved`` what ``backward`` needs;
         ``step`` is advanced on success.
@@ -102,10 +103,12 @@ class KernelHarness:
         text = settings_text(settings)
         scratch = self._scratch(rows, classes)
         status = getattr(self.library, f"margin_softmax_forward_{np.dtype(x.dtype).name}")(
-            logits.data.ptr, x.data.ptr, w.data.ptr, label.data.ptr, step.data.ptr, out.data.ptr,
+            logits.data.ptr, x.data.ptr, w.data.ptr, label.data.ptr, step.data.ptr,
+            None if class_margins is None else class_margins.data.ptr, out.data.ptr,
             beta_used.data.ptr, data_norm.data.ptr, weight_norm.data.ptr, rows, classes, dims, text,
             scratch.data.ptr, None)
-        saved = dict(logits=logits, x=x, w=w, label=label, out=out, beta_used=beta_used,
+        saved = dict(logits=logits, x=x, w=w, label=label, class_margins=class_margins, out=out,
+                     beta_used=beta_used,
                      data_norm=data_norm, weight_norm=weight_norm, text=text)
         return status, saved, out
 
@@ -117,7 +120,7 @@ class KernelHarness:
         grad_logits, grad_data, grad_weight = cupy.empty_like(saved["logits"]), cupy.empty_like(x), cupy.empty_like(w)
         status = getattr(self.library, f"margin_softmax_backward_{np.dtype(x.dtype).name}")(
             grad.data.ptr, saved["logits"].data.ptr, x.data.ptr, w.data.ptr, saved["label"].data.ptr,
-            saved["out"].data.ptr, saved["beta_used"].data.ptr, saved["data_norm"].data.ptr,
+            None if saved["class_margins"] is None else saved["class_margins"].data.ptr, saved["out"].data.ptr, saved["beta_used"].data.ptr, saved["data_norm"].data.ptr,
             saved["weight_norm"].data.ptr, grad_logits.data.ptr, grad_data.data.ptr,
             grad_weight.data.ptr, rows, classes, dims, saved["text"], self._scratch(rows, classes).data.ptr,
             None)

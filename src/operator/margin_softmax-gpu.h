@@ -33,6 +33,7 @@ struct GpuForward {
   const T* weight;      // (classes, dims)
   const L* label;       // (rows,)
   T* step;              // (1,), read then advanced
+  const T* class_margins;  // (classes,) with settings.per_class_margin, else null
   T* out;               // (rows, classes)
   T* beta_used;         // (1,)
   double* data_norm;    // (rows,)
@@ -51,6 +52,7 @@ struct GpuBackward {
   const T* data;               // (rows, dims)
   const T* weight;             // (classes, dims)
   const L* label;              // (rows,)
+  const T* class_margins;      // (classes,) with settings.per_class_margin, else null
   const T* output;             // (rows, classes), the forward's output
   const T* beta_used;          // (1,), the forward's beta
   const double* data_norm;     // (rows,)

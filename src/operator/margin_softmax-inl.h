@@ -44,6 +44,7 @@ struct Settings {
   bool normalise_weights;
   double margin, s, easy_margin, m1, m2, m3;
   double beta, beta_min, scale, gamma, power;
+  double per_class_margin;  // 0 or 1: the margin of each class comes from the input class_margins
 };
 
 /*! \brief One setting: name, member, allowed range, meaning (the DMLC_DECLARE_FIELD habit). */
@@ -58,7 +59,7 @@ struct SettingField {
 // Bit i of a kind's `takes` mask: it accepts field i of kSettingFields.
 enum SettingBit {
   kMarginBit = 1 << 0, kScaleSBit = 1 << 1, kEasyMarginBit = 1 << 2, kM1Bit = 1 << 3,
-  kM2Bit = 1 << 4, kM3Bit = 1 << 5, kScheduleBits = 0x1f << 6,
+  kM2Bit = 1 << 4, kM3Bit = 1 << 5, kScheduleBits = 0x1f << 6, kPerClassMarginBit = 1 << 11,
 };
 
 static const SettingField kSettingFields[] = {
@@ -76,6 +77,9 @@ static const SettingField kSettingFields[] = {
     {"scale", &Settings::scale, 0.0, 1.0, true, false, "geometric decay per training step"},
     {"gamma", &Settings::gamma, 0.0, HUGE_VAL, false, false, "power-decay rate per step"},
     {"power", &Settings::power, 0.0, HUGE_VAL, true, false, "power-decay exponent"},
+    {"per_class_margin", &Settings::per_class_margin, 0.0, 1.0, false, false,
+     "cosface: take the margin of each class from the extra input class_margins (C,) (LDAM); "
+     "0 or 1"},
 };
 constexpr int kNumSettingFields = sizeof(kSettingFields) / sizeof(kSettingFields[0]);
 
@@ -91,13 +95,13 @@ struct KindRow {
 
 // Defaults (K4): margin, s, m1, m2, m3, beta, beta_min, gamma; scale = power = 1, easy_margin 0.
 #define MARGIN_DEFAULTS(margin, s, m1, m2, m3, beta, beta_min, gamma) \
-  Settings{0, false, false, margin, s, 0.0, m1, m2, m3, beta, beta_min, 1.0, gamma, 1.0}
+  Settings{0, false, false, margin, s, 0.0, m1, m2, m3, beta, beta_min, 1.0, gamma, 1.0, 0.0}
 static const KindRow kKinds[kNumKinds] = {
     {"lsoftmax", false, false, true, kMarginBit | kScheduleBits,
      MARGIN_DEFAULTS(2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)},
     {"sphereface", false, true, true, kMarginBit | kScheduleBits,
      MARGIN_DEFAULTS(4.0, 1.0, 1.0, 0.0, 0.0, 1000.0, 5.0, 0.12)},
-    {"cosface", true, true, false, kMarginBit | kScaleSBit | kScheduleBits,
+    {"cosface", true, true, false, kMarginBit | kScaleSBit | kScheduleBits | kPerClassMarginBit,
      MARGIN_DEFAULTS(0.35, 64.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)},
     {"arcface", true, true, false, kMarginBit | kScaleSBit | kEasyMarginBit | kScheduleBits,
      MARGIN_DEFAULTS(0.5, 64.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)},
@@ -189,6 +193,20 @@ MARGIN_FUNCTION Psi psi(const Settings& p, double c, double floor) {
       return result;
     }
   }
+}
+
+/*!
+ * \brief The settings of a row whose target class is y (K10).
+ *
+ * With per-class margins (LDAM) the kind's margin is the target class's entry of
+ * class_margins; everything else, and every other row's settings, is unchanged.
+ */
+template <typename T>
+MARGIN_FUNCTION Settings row_settings(const Settings& p, const T* class_margins, int64_t y) {
+  if (p.per_class_margin == 0.0 || class_margins == nullptr) return p;
+  Settings row = p;
+  row.margin = static_cast<double>(class_margins[y]);
+  return row;
 }
 
 /*! \brief rho_i of (K1): s / |x_i| under feature normalisation (0 for a zero row), else 1. */

@@ -45,10 +45,12 @@ using namespace mxnet::ext;
 
 namespace margin_softmax {
 
-// Forward inputs, and backward outputs (one gradient per input).
-enum Input { kLogits = 0, kData, kWeight, kLabel, kStep, kNumInputs };
+// Forward inputs, and backward outputs (one gradient per input). class_margins (C,)
+// is there only with per_class_margin = 1, after the kNumInputs others.
+enum Input { kLogits = 0, kData, kWeight, kLabel, kStep, kNumInputs, kClassMargins = kNumInputs };
 enum Output { kOutput = 0, kBetaUsed, kDataNorm, kWeightNorm, kNumOutputs };
-// Backward inputs: [output grads..., forward inputs..., forward outputs...].
+// Backward inputs: [output grads..., forward inputs..., forward outputs...]; where the
+// forward outputs start depends on the number of forward inputs (backward_output).
 enum BackwardInput {
   kBackwardGradOutput = 0,
   kBackwardLogits = kNumOutputs,
@@ -56,11 +58,13 @@ enum BackwardInput {
   kBackwardWeight,
   kBackwardLabel,
   kBackwardStep,
-  kBackwardOutput,
-  kBackwardBetaUsed,
-  kBackwardDataNorm,
-  kBackwardWeightNorm,
+  kBackwardClassMargins,
 };
+
+int input_count(const Settings& p) { return kNumInputs + (p.per_class_margin != 0.0 ? 1 : 0); }
+
+/*! \brief Index among the backward's inputs of the forward output `output`. */
+int backward_output(const Settings& p, int output) { return kNumOutputs + input_count(p) + output; }
 
 const char* const kOpName = "margin_softmax_target";
 
@@ -171,14 +175,19 @@ bool parse_settings(const std::unordered_map<std::string, std::string>& attrs, S
     MARGIN_ERROR << "parameter easy_margin must be 0 or 1, got " << out->easy_margin;
     return false;
   }
+  if (out->per_class_margin != 0.0 && out->per_class_margin != 1.0) {
+    MARGIN_ERROR << "parameter per_class_margin must be 0 or 1, got " << out->per_class_margin;
+    return false;
+  }
   return true;
 }
 
 namespace {
 
 const char* input_name(int index) {
-  static const char* names[kNumInputs] = {"logits", "data", "weight", "label", "step"};
-  return index >= 0 && index < kNumInputs ? names[index] : "?";
+  static const char* names[kNumInputs + 1] = {"logits", "data", "weight", "label", "step",
+                                              "class_margins"};
+  return index >= 0 && index <= kNumInputs ? names[index] : "?";
 }
 
 // Messages name dtypes and shapes as the Python side prints them.
@@ -200,7 +209,7 @@ MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& at
                           int* num_inputs, int* num_outputs) {
   Settings settings;
   if (!parse_settings(attrs, &settings)) return MX_FAIL;
-  *num_inputs = kNumInputs;
+  *num_inputs = input_count(settings);
   *num_outputs = kNumOutputs;
   return MX_SUCCESS;
 }
@@ -221,7 +230,9 @@ MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& att
                  << dtype_name(dtype);
     return MX_FAIL;
   }
-  for (int input : {kLogits, kData, kWeight, kStep}) {
+  std::vector<int> same = {kLogits, kData, kWeight, kStep};
+  if (in_types->size() > kClassMargins) same.push_back(kClassMargins);
+  for (int input : same) {
     if ((*in_types)[input] < 0) (*in_types)[input] = dtype;
     if ((*in_types)[input] != dtype) {
       MARGIN_ERROR << "input " << input_name(input) << " must have the dtype of "
@@ -230,6 +241,8 @@ MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& att
       return MX_FAIL;
     }
   }
+  // Labels may have any dtype; one nobody declared follows data, as in the Python op.
+  if ((*in_types)[kLabel] < 0) (*in_types)[kLabel] = dtype;
   (*out_types)[kOutput] = dtype;
   (*out_types)[kBetaUsed] = dtype;
   (*out_types)[kDataNorm] = kFloat64;
@@ -264,6 +277,15 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
   if (step.size() != 1 || step[0] != 1) {
     MARGIN_ERROR << "input step must have shape (1,)";
     return MX_FAIL;
+  }
+  if (in_shapes->size() > kClassMargins) {
+    auto& class_margins = (*in_shapes)[kClassMargins];
+    if (class_margins.empty()) class_margins = {logits[1]};  // a variable without a shape yet
+    if (class_margins.size() != 1 || class_margins[0] != logits[1]) {
+      MARGIN_ERROR << "input class_margins must have shape (C,) = (" << logits[1] << ",), got "
+                   << shape_text(class_margins);
+      return MX_FAIL;
+    }
   }
   (*out_shapes)[kOutput] = logits;
   (*out_shapes)[kBetaUsed] = std::vector<unsigned int>{1};
@@ -528,6 +550,7 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   const T* data = (*inputs)[kData].data<T>();
   const T* weight = (*inputs)[kWeight].data<T>();
   T* step = (*inputs)[kStep].data<T>();
+  const T* class_margins = p.per_class_margin != 0.0 ? (*inputs)[kClassMargins].data<T>() : nullptr;
   T* out = (*outputs)[kOutput].data<T>();
   double* data_norm = (*outputs)[kDataNorm].data<double>();
   double* weight_norm = (*outputs)[kWeightNorm].data<double>();
@@ -557,8 +580,9 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   const double floor = angle_floor<T>();
   for (int64_t i = 0; i < s.rows; ++i) {
     const int64_t y = labels[i];
-    const TargetColumn column =
-        target_column(p, logits[i * s.classes + y], data_norm[i], weight_norm[y], beta, floor);
+    const TargetColumn column = target_column(row_settings(p, class_margins, y),
+                                              logits[i * s.classes + y], data_norm[i],
+                                              weight_norm[y], beta, floor);
     out[i * s.classes + y] = static_cast<T>(column.output);
   }
   (*outputs)[kBetaUsed].data<T>()[0] = static_cast<T>(beta);
@@ -577,10 +601,13 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   const T* logits = (*inputs)[kBackwardLogits].data<T>();
   const T* data = (*inputs)[kBackwardData].data<T>();
   const T* weight = (*inputs)[kBackwardWeight].data<T>();
-  const T* output = (*inputs)[kBackwardOutput].data<T>();
-  const double* data_norm = (*inputs)[kBackwardDataNorm].data<double>();
-  const double* weight_norm = (*inputs)[kBackwardWeightNorm].data<double>();
-  const double beta = static_cast<double>((*inputs)[kBackwardBetaUsed].data<T>()[0]);
+  const T* class_margins =
+      p.per_class_margin != 0.0 ? (*inputs)[kBackwardClassMargins].data<T>() : nullptr;
+  const T* output = (*inputs)[backward_output(p, kOutput)].data<T>();
+  const double* data_norm = (*inputs)[backward_output(p, kDataNorm)].data<double>();
+  const double* weight_norm = (*inputs)[backward_output(p, kWeightNorm)].data<double>();
+  const double beta =
+      static_cast<double>((*inputs)[backward_output(p, kBetaUsed)].data<T>()[0]);
   T* grad_logits = (*outputs)[kLogits].data<T>();
   T* grad_data = (*outputs)[kData].data<T>();
   T* grad_weight = (*outputs)[kWeight].data<T>();
@@ -612,7 +639,8 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
     const int64_t y = labels[i];
     const double a = data_norm[i], b = weight_norm[y];
     const double g = grad_output[i * s.classes + y];
-    const TargetColumn column = target_column(p, logits[i * s.classes + y], a, b, beta, floor);
+    const TargetColumn column =
+        target_column(row_settings(p, class_margins, y), logits[i * s.classes + y], a, b, beta, floor);
     grad_logits[i * s.classes + y] = static_cast<T>(g * column.d_f);
     const double along =
         (p.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
@@ -624,6 +652,7 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   scale_rows(weight, along_weight, grad_weight, s.classes, s.dims);
   zero_tensor_cpu(outputs, kLabel);
   zero_tensor_cpu(outputs, kStep);
+  if (class_margins != nullptr) zero_tensor_cpu(outputs, kClassMargins);  // constants
   return MX_SUCCESS;
 }
 
@@ -667,7 +696,9 @@ MXReturnValue forward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   const Shape s = shape_of(*inputs, kLogits, kData);
   GpuForward<T, L> a{(*inputs)[kLogits].data<T>(), (*inputs)[kData].data<T>(),
                      (*inputs)[kWeight].data<T>(), (*inputs)[kLabel].data<L>(),
-                     (*inputs)[kStep].data<T>(), (*outputs)[kOutput].data<T>(),
+                     (*inputs)[kStep].data<T>(),
+                     p.per_class_margin != 0.0 ? (*inputs)[kClassMargins].data<T>() : nullptr,
+                     (*outputs)[kOutput].data<T>(),
                      (*outputs)[kBetaUsed].data<T>(), (*outputs)[kDataNorm].data<double>(),
                      (*outputs)[kWeightNorm].data<double>(), s.rows, s.classes, s.dims, p,
                      resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
@@ -682,15 +713,19 @@ MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* input
   GpuBackward<T, L> a{(*inputs)[kBackwardGradOutput].data<T>(),
                       (*inputs)[kBackwardLogits].data<T>(), (*inputs)[kBackwardData].data<T>(),
                       (*inputs)[kBackwardWeight].data<T>(), (*inputs)[kBackwardLabel].data<L>(),
-                      (*inputs)[kBackwardOutput].data<T>(), (*inputs)[kBackwardBetaUsed].data<T>(),
-                      (*inputs)[kBackwardDataNorm].data<double>(),
-                      (*inputs)[kBackwardWeightNorm].data<double>(), (*outputs)[kLogits].data<T>(),
+                      p.per_class_margin != 0.0 ? (*inputs)[kBackwardClassMargins].data<T>()
+                                                : nullptr,
+                      (*inputs)[backward_output(p, kOutput)].data<T>(),
+                      (*inputs)[backward_output(p, kBetaUsed)].data<T>(),
+                      (*inputs)[backward_output(p, kDataNorm)].data<double>(),
+                      (*inputs)[backward_output(p, kWeightNorm)].data<double>(),
+                      (*outputs)[kLogits].data<T>(),
                       (*outputs)[kData].data<T>(), (*outputs)[kWeight].data<T>(), s.rows,
                       s.classes, s.dims, p,
                       resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
                       resource.get_cuda_stream()};
   const int result = backward_gpu_launch(a);
-  for (int index : {kLabel, kStep}) {
+  for (int index : {kLabel, kStep, kClassMargins}) {
     if (index < static_cast<int>(outputs->size())) {
       MXTensor& tensor = (*outputs)[index];
       zero_device(tensor.data_ptr, tensor.size() * dtype_size(tensor.dtype), a.stream);
@@ -795,25 +830,27 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
 
 #define MARGIN_C_ENTRY(T, SUFFIX)                                                                \
   extern "C" int margin_softmax_forward_##SUFFIX(                                                 \
-      const T* logits, const T* data, const T* weight, const int64_t* label, T* step, T* out,    \
-      T* beta_used, double* data_norm, double* weight_norm, int64_t rows, int64_t classes,       \
-      int64_t dims, const char* settings_text, void* scratch, void* stream) {                     \
+      const T* logits, const T* data, const T* weight, const int64_t* label, T* step,            \
+      const T* class_margins, T* out, T* beta_used, double* data_norm, double* weight_norm,      \
+      int64_t rows, int64_t classes, int64_t dims, const char* settings_text, void* scratch,     \
+      void* stream) {                                                                             \
     margin_softmax::Settings settings;                                                            \
     if (!settings_from_text(settings_text, &settings)) return -3;                                 \
-    margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, label, step, out, beta_used,  \
-                                             data_norm, weight_norm, rows, classes, dims,        \
-                                             settings, scratch, stream};                         \
+    margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, label, step, class_margins,   \
+                                             out, beta_used, data_norm, weight_norm, rows,       \
+                                             classes, dims, settings, scratch, stream};          \
     return margin_softmax::forward_gpu_launch(a);                                                 \
   }                                                                                               \
   extern "C" int margin_softmax_backward_##SUFFIX(                                                \
       const T* grad_output, const T* logits, const T* data, const T* weight,                     \
-      const int64_t* label, const T* output, const T* beta_used, const double* data_norm,        \
+      const int64_t* label, const T* class_margins, const T* output, const T* beta_used,         \
+      const double* data_norm,                                                                    \
       const double* weight_norm, T* grad_logits, T* grad_data, T* grad_weight, int64_t rows,     \
       int64_t classes, int64_t dims, const char* settings_text, void* scratch, void* stream) {   \
     margin_softmax::Settings settings;                                                            \
     if (!settings_from_text(settings_text, &settings)) return -3;                                 \
     margin_softmax::GpuBackward<T, int64_t> a{                                                    \
-        grad_output, logits,     data,       weight,    label, output, beta_used, data_norm,     \
+        grad_output, logits, data, weight, label, class_margins, output, beta_used, data_norm,   \
         weight_norm, grad_logits, grad_data, grad_weight, rows, classes, dims, settings,         \
         scratch,     stream};                                                                     \
     return margin_softmax::backward_gpu_launch(a);                                                \

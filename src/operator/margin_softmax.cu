@@ -112,16 +112,17 @@ __device__ int64_t checked_class(const L* label, int64_t i, int64_t classes, int
 }
 
 template <typename T, typename L>
-__global__ void forward_target_kernel(const T* logits, const L* label, const T* step, T* out,
-                                      const double* data_norm, const double* weight_norm,
-                                      int64_t rows, int64_t classes, Settings settings,
-                                      int* bad_label) {
+__global__ void forward_target_kernel(const T* logits, const L* label, const T* step,
+                                      const T* class_margins, T* out, const double* data_norm,
+                                      const double* weight_norm, int64_t rows, int64_t classes,
+                                      Settings settings, int* bad_label) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= rows) return;
   const int64_t y = checked_class(label, i, classes, bad_label);
   if (y < 0) return;
   const double beta = beta_at(settings, static_cast<double>(step[0]));
-  out[i * classes + y] = static_cast<T>(target_column(settings, logits[i * classes + y],
+  out[i * classes + y] = static_cast<T>(target_column(row_settings(settings, class_margins, y),
+                                                      logits[i * classes + y],
                                                       data_norm[i], weight_norm[y], beta,
                                                       angle_floor<T>()).output);
 }
@@ -171,7 +172,8 @@ __global__ void column_kernel(const T* grad_output, const T* output, const doubl
 
 template <typename T, typename L>
 __global__ void backward_target_kernel(const T* grad_output, const T* logits, const L* label,
-                                       const T* beta_used, const double* data_norm,
+                                       const T* class_margins, const T* beta_used,
+                                       const double* data_norm,
                                        const double* weight_norm, T* grad_logits,
                                        const double* row_sum, double* along_data,
                                        double* along_weight, int64_t rows, int64_t classes,
@@ -182,8 +184,9 @@ __global__ void backward_target_kernel(const T* grad_output, const T* logits, co
   if (y < 0) return;
   const double a = data_norm[i], b = weight_norm[y];
   const double g = grad_output[i * classes + y];
-  const TargetColumn column = target_column(settings, logits[i * classes + y], a, b,
-                                            static_cast<double>(beta_used[0]), angle_floor<T>());
+  const TargetColumn column =
+      target_column(row_settings(settings, class_margins, y), logits[i * classes + y], a, b,
+                    static_cast<double>(beta_used[0]), angle_floor<T>());
   grad_logits[i * classes + y] = static_cast<T>(g * column.d_f);
   const double along =
       (settings.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
@@ -249,8 +252,8 @@ int forward_gpu_launch(const GpuForward<T, L>& a) {
   }
   if (a.rows > 0) {
     forward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
-        a.logits, a.label, a.step, a.out, a.data_norm, a.weight_norm, a.rows, a.classes,
-        a.settings, scratch.bad_label);
+        a.logits, a.label, a.step, a.class_margins, a.out, a.data_norm, a.weight_norm, a.rows,
+        a.classes, a.settings, scratch.bad_label);
   }
   // The label check needs one small copy back; it keeps a bad label from
   // advancing the schedule and from passing silently.
@@ -280,7 +283,8 @@ int backward_gpu_launch(const GpuBackward<T, L>& a) {
       a.grad_output, a.output, a.weight_norm, a.rows, a.classes, a.settings, scratch.along_weight);
   if (a.rows > 0) {
     backward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
-        a.grad_output, a.logits, a.label, a.beta_used, a.data_norm, a.weight_norm, a.grad_logits,
+        a.grad_output, a.logits, a.label, a.class_margins, a.beta_used, a.data_norm,
+        a.weight_norm, a.grad_logits,
         scratch.row_sum, scratch.along_data, scratch.along_weight, a.rows, a.classes, a.settings,
         scratch.bad_label);
   }
