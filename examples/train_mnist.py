@@ -6,6 +6,8 @@ Examples:
   python examples/train_mnist.py --loss softmax --epochs 20 --json softmax.json
   python examples/train_mnist.py --dataset fashion-mnist --loss arcface --s 16 --margin 0.3 \
       --embed-dim 3 --plot sphere.png
+  python examples/train_mnist.py --dataset fashion-mnist --imbalance exp --imbalance-factor 0.01 \
+      --loss ldam --drw-epoch 12 --epochs 15
 Test accuracy is always measured on the plain logits of the head (the kind's normalised
 classifier for sphereface / cosface / arcface / combined; x W^T for softmax and lsoftmax).
 """
@@ -26,6 +28,8 @@ from mx_lsoftmax.support.cli import (DefaultsFormatter, check_margin_settings, n
                                      positive_float, positive_int)
 from mx_lsoftmax.kinds import KINDS, SCHEDULE, SETTINGS
 from mx_lsoftmax.support.data import DATASETS, DataError, load_dataset
+from mx_lsoftmax.support.imbalance import (PROFILES, drw_class_weights, long_tailed_counts,
+                                           long_tailed_indices, shot_groups)
 from mx_lsoftmax.gluon import MarginDense
 
 try:
@@ -73,10 +77,24 @@ class Classifier(gluon.Block):
         return embedding, self.head(embedding)
 
 
-def build(arguments, ctx):
-    features = lenet(arguments.embed_dim) if arguments.net == "lenet" else paper_net(arguments.embed_dim)
+def resnet18(embed_dim):
+    """The Gluon model zoo's ResNet-18 v1 with its thumbnail stem (3x3 conv, no max-pool, for
+    small images), its classifier layer giving the embedding."""
+    from mxnet.gluon.model_zoo import vision
+    return vision.resnet18_v1(thumbnail=True, classes=embed_dim)
+
+
+NETWORKS = {"lenet": (lenet, 256), "paper": (paper_net, 512), "resnet18": (resnet18, 512)}
+
+
+def build(arguments, ctx, class_counts):
+    features = NETWORKS[arguments.net][0](arguments.embed_dim)
     if arguments.loss == "softmax":
         head = nn.Dense(10, use_bias=False)
+    elif arguments.loss == "ldam":  # cosface with LDAM's margin per class, from the training counts
+        head = MarginDense(10, kind="cosface", backend=arguments.backend,
+                           class_margins=mx_lsoftmax.ldam_margins(class_counts, arguments.max_margin),
+                           **kind_settings(arguments))
     else:
         head = MarginDense(10, kind=arguments.loss, backend=arguments.backend, **kind_settings(arguments))
     model = Classifier(features, head)
@@ -138,6 +156,8 @@ def head_title(arguments):
     """'softmax', 'L-Softmax m=4', 'ArcFace s=16 m=0.3', ...: the head and its margin settings."""
     if arguments.loss == "softmax":
         return "softmax"
+    if arguments.loss == "ldam":
+        return f"LDAM s={arguments.s:g} max m={arguments.max_margin:g}"
     row = KINDS[arguments.loss]
     shown = [f"{name if name != 'margin' else 'm'}={getattr(arguments, name):g}"
              for name in ("s", "margin", "m1", "m2", "m3") if name in EXAMPLE_DEFAULTS[arguments.loss]]
@@ -181,10 +201,15 @@ def code_version():
 
 # The example's defaults per loss: the table of kinds (the papers' settings), except that
 # lsoftmax keeps this example's MNIST schedule (margin 4, beta 100 decaying by 0.99 a step).
-LOSSES = ("softmax",) + tuple(KINDS)
-EXAMPLE_DEFAULTS = {name: {**SCHEDULE, **row.schedule, **row.defaults} for name, row in KINDS.items()}
+# ldam is the cosface kind with a margin per class from the training counts (LDAM's s = 30);
+# the per-class switch itself is no option: the example sets it for ldam.
+LOSSES = ("softmax",) + tuple(KINDS) + ("ldam",)
+KIND_SETTINGS = tuple(name for name in SETTINGS if name != "per_class_margin")
+EXAMPLE_DEFAULTS = {name: {key: value for key, value in {**SCHEDULE, **row.schedule, **row.defaults}.items()
+                           if key in KIND_SETTINGS} for name, row in KINDS.items()}
 EXAMPLE_DEFAULTS["lsoftmax"].update(margin=4, beta=100.0, scale=0.99)
-KIND_SETTINGS = tuple(SETTINGS)  # margin, s, easy_margin, m1, m2, m3, beta, beta_min, scale, gamma, power
+EXAMPLE_DEFAULTS["ldam"] = {"s": 30.0, **SCHEDULE}
+HEAD_KIND = {"ldam": "cosface"}  # the kind behind a loss of another name
 
 
 def kind_settings(arguments):
@@ -219,14 +244,15 @@ def _defaults_text(name):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist", help="the data set")
-    parser.add_argument("--net", choices=["lenet", "paper"], default="lenet", help="the network")
+    parser.add_argument("--net", choices=list(NETWORKS), default="lenet",
+                        help="the network; resnet18: the Gluon model zoo's ResNet-18 v1, thumbnail stem")
     parser.add_argument("--loss", choices=LOSSES, default="lsoftmax",
                         help="the head: softmax = plain FC + softmax, else a margin kind")
     parser.add_argument("--backend", choices=["auto", "python", "compiled", "softmax"], default="auto",
                         help="the margin op's backend; 'softmax' is the older spelling of --loss softmax")
     parser.add_argument("--embed-dim", type=positive_int, default=None,
                         help="feature size before the head (2: the plane figure, 3: the sphere figure); "
-                             "default 256 for lenet, 512 for paper")
+                             "default 256 for lenet, 512 for paper and resnet18")
     # The kind's settings, one option per row of mx_lsoftmax.kinds.SETTINGS; a default of
     # None means "the loss's own" (listed in the help), resolved after parsing.
     for name in KIND_SETTINGS:
@@ -235,6 +261,21 @@ def build_parser():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=value_type, default=None,
                             help=f"{setting.description} ({setting.describe_range()})"
                                  f"{_defaults_text(name)}; softmax takes none")
+    parser.add_argument("--max-margin", type=_finite_float, default=None,
+                        help="ldam: the rarest class's margin (margins proportional to n_j^(-1/4)); "
+                             "default: ldam 0.5; other losses take none")
+    parser.add_argument("--imbalance", choices=("none",) + PROFILES, default="none",
+                        help="long-tailed training set: exp or step profile (LDAM-DRW's); the test set stays balanced")
+    parser.add_argument("--imbalance-factor", type=_finite_float, default=0.01,
+                        help="smallest / largest class size, in (0, 1] (0.01: a ratio of 100)")
+    parser.add_argument("--drw-epoch", type=non_negative_int, default=0,
+                        help="deferred re-weighting: weigh classes by (1 - b)/(1 - b^n_j) after this many "
+                             "epochs (0: never)")
+    parser.add_argument("--drw-beta", type=_finite_float, default=0.9999, help="DRW's b, in [0, 1)")
+    parser.add_argument("--many-shot", type=positive_int, default=1000,
+                        help="classes with at least this many training images form the many-shot group")
+    parser.add_argument("--few-shot", type=positive_int, default=200,
+                        help="classes with fewer training images than this form the few-shot group")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
@@ -261,7 +302,8 @@ def parse_arguments(argv=None):
     if arguments.backend == "softmax" or arguments.loss == "softmax":
         arguments.loss = arguments.backend = "softmax"
     if arguments.embed_dim is None:
-        arguments.embed_dim = 512 if arguments.net == "paper" else 256
+        arguments.embed_dim = NETWORKS[arguments.net][1]
+    check_imbalance(parser, arguments)
     if arguments.plot and arguments.embed_dim not in (2, 3):
         parser.error(f"--plot needs --embed-dim 2 or 3, got --embed-dim {arguments.embed_dim}")
     taken = EXAMPLE_DEFAULTS.get(arguments.loss, {})
@@ -276,10 +318,40 @@ def parse_arguments(argv=None):
     if arguments.loss != "softmax":
         # Ranges and kind rules (an integer margin for lsoftmax / sphereface) from the table;
         # the resolved values (ints where the kind takes ints) go into the --json settings.
-        settings = check_margin_settings(parser, arguments.loss, **kind_settings(arguments))
+        kind = HEAD_KIND.get(arguments.loss, arguments.loss)
+        settings = check_margin_settings(parser, kind, **kind_settings(arguments))
         for name, value in settings.values.items():
-            setattr(arguments, name, value)
+            if name in KIND_SETTINGS:
+                setattr(arguments, name, value)
+    if arguments.loss == "ldam":
+        arguments.max_margin = 0.5 if arguments.max_margin is None else arguments.max_margin
+        if not arguments.max_margin > 0:
+            parser.error(f"--max-margin must be > 0, got {arguments.max_margin}")
+    elif arguments.max_margin is not None:
+        parser.error(f"--max-margin {arguments.max_margin}: only the ldam loss takes it")
     return arguments
+
+
+def check_imbalance(parser, arguments):
+    """The long-tail settings, before any data is read: the profile's counts on the balanced
+    per-class size of the data set (or of --train-limit), DRW inside the run."""
+    if arguments.imbalance != "none":
+        per_class = DATASETS[arguments.dataset].train_per_class
+        if arguments.train_limit:
+            per_class = min(per_class, arguments.train_limit // 10)
+        try:
+            long_tailed_counts(per_class, 10, arguments.imbalance, arguments.imbalance_factor)
+        except ValueError as error:
+            parser.error(f"--imbalance {arguments.imbalance} --imbalance-factor {arguments.imbalance_factor}: {error}")
+    elif not 0 < arguments.imbalance_factor <= 1:
+        parser.error(f"--imbalance-factor must be in (0, 1], got {arguments.imbalance_factor}")
+    if arguments.drw_epoch and arguments.drw_epoch >= arguments.epochs:
+        parser.error(f"--drw-epoch {arguments.drw_epoch} is past the run (--epochs {arguments.epochs}): "
+                     f"re-weighting would never start")
+    if not 0 <= arguments.drw_beta < 1:
+        parser.error(f"--drw-beta must be in [0, 1), got {arguments.drw_beta}")
+    if arguments.few_shot > arguments.many_shot:
+        parser.error(f"--few-shot {arguments.few_shot} must be <= --many-shot {arguments.many_shot}")
 
 
 def main(argv=None):
@@ -297,11 +369,24 @@ def main(argv=None):
         train_images, train_labels = train_images[:arguments.train_limit], train_labels[:arguments.train_limit]
     if arguments.test_limit:
         test_images, test_labels = test_images[:arguments.test_limit], test_labels[:arguments.test_limit]
+    if arguments.imbalance != "none":
+        try:
+            chosen, _ = long_tailed_indices(train_labels, arguments.imbalance, arguments.imbalance_factor,
+                                            arguments.seed)
+        except ValueError as error:  # --train-limit left a class smaller than the parse-time check assumed
+            raise SystemExit(f"error: --imbalance {arguments.imbalance}: {error}")
+        train_images, train_labels = train_images[chosen], train_labels[chosen]
+    class_counts = np.bincount(train_labels, minlength=10).tolist()
+    if min(class_counts) == 0:
+        raise SystemExit(f"error: class {class_counts.index(0)} has no training image "
+                         f"(training counts {class_counts}); raise --train-limit")
     if arguments.backend == "auto":
         arguments.backend = mx_lsoftmax.resolve_backend("auto")
 
     ctx = mx.cpu()
-    model = build(arguments, ctx)
+    model = build(arguments, ctx, class_counts)
+    # Deferred re-weighting (LDAM-DRW): per-class loss weights from the --drw-epoch-th epoch on.
+    class_weights = mx.nd.array(drw_class_weights(class_counts, arguments.drw_beta), ctx=ctx)
     steps_per_epoch = (len(train_images) + arguments.batch_size - 1) // arguments.batch_size
     schedule = mx.lr_scheduler.MultiFactorScheduler(
         [s * steps_per_epoch for s in arguments.lr_steps if s > 0], factor=0.1, base_lr=arguments.lr) \
@@ -329,7 +414,9 @@ def main(argv=None):
             start = time.perf_counter()
             with autograd.record():
                 _, logits = model(data, label)
-                loss = loss_function(logits, label)
+                reweighted = arguments.drw_epoch and epoch >= arguments.drw_epoch
+                sample_weight = class_weights.take(label).reshape((-1, 1)) if reweighted else None
+                loss = loss_function(logits, label, sample_weight)
             loss.backward()
             trainer.step(data.shape[0])
             mx.nd.waitall()  # backward and update run asynchronously: time them to the end
@@ -364,7 +451,16 @@ def main(argv=None):
     if arguments.plot:
         plot_features(features, test_labels, arguments.plot, f"{head_title(arguments)}: test accuracy "
                       f"{test_accuracy:.2%}", DATASETS[arguments.dataset].class_names)
+    groups = shot_groups(class_counts, arguments.many_shot, arguments.few_shot)
+    group_accuracy = {}
+    for group in ("many", "medium", "few"):
+        members = [index for index, name in enumerate(groups) if name == group]
+        # Classes weigh equally (the test set is balanced): the mean of their accuracies.
+        group_accuracy[group] = float(np.mean([per_class[index] for index in members])) if members else None
     summary = dict(test_accuracy=test_accuracy, test_accuracy_per_class=per_class,
+                   train_class_counts=class_counts, shot_groups=groups,
+                   shot_thresholds=dict(many=f">= {arguments.many_shot}", few=f"< {arguments.few_shot}"),
+                   group_accuracy=group_accuracy,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
                    final_beta=model.head.current_beta if isinstance(model.head, MarginDense) else None,
                    settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(),

@@ -119,3 +119,34 @@ def test_help_lists_each_kinds_defaults(capsys):
     for expected in ("lsoftmax 4", "sphereface 4", "cosface 0.35", "arcface 0.5", "cosface 64", "combined 0.3",
                      "sphereface 1000", "lsoftmax 100"):
         assert expected in text, expected
+
+
+def test_long_tailed_ldam_drw_run_reports_groups(tmp_path):
+    if resolve_directory(None, "fashion-mnist") is None:
+        pytest.skip("real Fashion-MNIST not found (set FASHION_MNIST_DIR, see ../shared/data/fashion-mnist)")
+    summary_path = tmp_path / "ldam.json"
+    load_example("train_mnist").main(["--dataset", "fashion-mnist", "--imbalance", "exp", "--imbalance-factor", "0.1",
+                                      "--train-limit", "10000", "--test-limit", "2000", "--loss", "ldam",
+                                      "--epochs", "2", "--drw-epoch", "1", "--many-shot", "500", "--few-shot", "150",
+                                      "--no-progress", "--json", str(summary_path)])
+    summary = json.loads(summary_path.read_text())
+    counts = summary["train_class_counts"]
+    assert counts[0] / counts[-1] == pytest.approx(10, rel=0.05) and counts == sorted(counts, reverse=True)
+    assert summary["settings"]["s"] == 30.0 and summary["settings"]["max_margin"] == 0.5
+    assert summary["test_accuracy"] > 0.3
+    groups = summary["shot_groups"]
+    assert set(groups) <= {"many", "medium", "few"} and groups[0] == "many" and groups[-1] == "few"
+    for group, accuracy in summary["group_accuracy"].items():
+        members = [summary["test_accuracy_per_class"][i] for i, name in enumerate(groups) if name == group]
+        assert accuracy == (pytest.approx(sum(members) / len(members)) if members else None)
+    assert summary["shot_thresholds"] == {"many": ">= 500", "few": "< 150"}
+
+
+def test_resnet18_option_builds_the_model_zoo_network():
+    import mxnet as mx
+    example = load_example("train_mnist")
+    arguments = example.parse_arguments(["--net", "resnet18", "--loss", "softmax"])
+    assert arguments.embed_dim == 512
+    network = example.resnet18(16)
+    network.initialize()
+    assert network(mx.nd.zeros((2, 1, 28, 28))).shape == (2, 16)

@@ -38,6 +38,7 @@ class Dataset:
     mirror: str               # download URL prefix, or None (no download)
     class_names: tuple
     hint: str                 # how to get it when it is missing
+    train_per_class: int = 6000  # training images per class (both sets are balanced)
 
 
 DATASETS = {dataset.name: dataset for dataset in (
