@@ -5,7 +5,8 @@
 #   make test      all of the above that is out of date, then pytest
 #   make demo      train the 2-D LeNet on MNIST with margin 4 and draw its features
 #   make bench     benchmark every backend against FullyConnected
-#   make results   the MNIST comparisons of docs/results.md (hours; reuses finished runs)
+#   make results   the MNIST / Fashion-MNIST comparisons of docs/results.md (hours; reuses finished runs)
+#   make imbalanced the long-tailed comparisons of docs/imbalanced.md (reuses finished runs)
 
 PYTHON_SYSTEM ?= python3
 VENV          ?= .venv
@@ -36,7 +37,7 @@ export MNIST_DIR FASHION_MNIST_DIR
 RUN_THREADS   ?= 2
 RUN_ENV        = OMP_NUM_THREADS=$(RUN_THREADS) MXNET_ENFORCE_DETERMINISM=1
 
-.PHONY: all cuda install test demo bench results clean
+.PHONY: all cuda install test demo bench results imbalanced clean
 
 all: $(LIBRARY)
 
@@ -81,6 +82,9 @@ bench: install
 results: install
 	$(RUN_ENV) $(PYTHON) examples/mnist_results.py --epochs 20 --seeds 0 1 --figure-epochs 5 \
 	    --family-epochs 10 --reuse
+
+imbalanced: install
+	$(RUN_ENV) $(PYTHON) examples/imbalanced_results.py --epochs 15 --drw-epoch 12 --seeds 0 1 --reuse
 
 clean:
 	rm -rf $(BUILD_DIR) mx_lsoftmax/lib *.egg-info .pytest_cache

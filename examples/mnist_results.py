@@ -37,10 +37,11 @@ LABELS = {"4-caffe": "4, Caffe schedule"}
 # The settings a reused log must match (train_mnist.py's --json "settings"); the head's
 # settings (and its backend) only where the loss has them.
 COMPARED = ("loss", "dataset", "epochs", "seed", "embed_dim", "train_limit", "net", "batch_size", "lr",
-            "lr_steps", "wd")
+            "lr_steps", "wd", "imbalance", "imbalance_factor", "drw_epoch", "drw_beta", "max_margin")
 HEAD_COMPARED = ("backend",) + train_mnist.KIND_SETTINGS
 # What logs written before a setting existed meant by its absence.
-LEGACY = {"dataset": "mnist"}
+LEGACY = {"dataset": "mnist", "imbalance": "none", "imbalance_factor": 0.01, "drw_epoch": 0, "drw_beta": 0.9999,
+          "max_margin": None}
 
 # The family comparison: (row label, train_mnist.py head arguments). "paper" rows take the
 # kind's defaults (the papers' and insightface's, s = 64); "10-class" rows a smaller scale
