@@ -30,7 +30,7 @@ from mx_lsoftmax.kinds import KINDS, SCHEDULE, SETTINGS
 from mx_lsoftmax.support.data import DATASETS, DataError, load_dataset
 from mx_lsoftmax.support.imbalance import (PROFILES, drw_class_weights, long_tailed_counts,
                                            long_tailed_indices, shot_groups)
-from mx_lsoftmax.gluon import MarginDense
+from mx_lsoftmax.gluon import MarginDense, trainable_parameters
 
 try:
     from tqdm import tqdm
@@ -104,9 +104,12 @@ def build(arguments, ctx, class_counts):
     return model
 
 
-def batches(images, labels, batch_size, shuffle, rng):
+def batches(images, labels, batch_size, shuffle, rng, drop_last=False):
+    """(data (B, 1, 28, 28) scaled to [-1, 1), labels (B,) float32) per batch; ``drop_last``
+    leaves out a last, smaller batch."""
     order = rng.permutation(len(images)) if shuffle else np.arange(len(images))
-    for start in range(0, len(order), batch_size):
+    end = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, end, batch_size):
         index = order[start:start + batch_size]
         data = (images[index].astype(np.float32) - 128.0) / 128.0
         yield mx.nd.array(data[:, None]), mx.nd.array(labels[index].astype(np.float32))
@@ -210,6 +213,7 @@ EXAMPLE_DEFAULTS = {name: {key: value for key, value in {**SCHEDULE, **row.sched
 EXAMPLE_DEFAULTS["lsoftmax"].update(margin=4, beta=100.0, scale=0.99)
 EXAMPLE_DEFAULTS["ldam"] = {"s": 30.0, **SCHEDULE}
 HEAD_KIND = {"ldam": "cosface"}  # the kind behind a loss of another name
+KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
 
 
 def kind_settings(arguments):
@@ -276,6 +280,9 @@ def build_parser():
                         help="classes with at least this many training images form the many-shot group")
     parser.add_argument("--few-shot", type=positive_int, default=200,
                         help="classes with fewer training images than this form the few-shot group")
+    parser.add_argument("--kvstore", choices=KVSTORES, default="device",
+                        help="Gluon Trainer's kvstore; dist_*: one process per worker, started by "
+                             "`python -m mx_lsoftmax.launch` (each worker trains on its shard)")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
@@ -376,10 +383,20 @@ def main(argv=None):
         except ValueError as error:  # --train-limit left a class smaller than the parse-time check assumed
             raise SystemExit(f"error: --imbalance {arguments.imbalance}: {error}")
         train_images, train_labels = train_images[chosen], train_labels[chosen]
-    class_counts = np.bincount(train_labels, minlength=10).tolist()
+    class_counts = np.bincount(train_labels, minlength=10).tolist()  # of the whole set, on every worker
     if min(class_counts) == 0:
         raise SystemExit(f"error: class {class_counts.index(0)} has no training image "
                          f"(training counts {class_counts}); raise --train-limit")
+    kvstore, rank, num_workers = arguments.kvstore, 0, 1
+    if kvstore.startswith("dist"):
+        kvstore = mx.kv.create(arguments.kvstore)
+        rank, num_workers = kvstore.rank, kvstore.num_workers
+        # Every worker takes the same number of steps (dist_sync waits for all of them at every
+        # step, and the margin schedule's step counter, never exchanged, must stay in step):
+        # equal shards, the remainder of the set dropped.
+        shard = np.arange(len(train_images))[rank::num_workers][:len(train_images) // num_workers]
+        train_images, train_labels = train_images[shard], train_labels[shard]
+    writer = rank == 0  # rank 0 alone writes the log, the plot and the checkpoints
     if arguments.backend == "auto":
         arguments.backend = mx_lsoftmax.resolve_backend("auto")
 
@@ -387,20 +404,28 @@ def main(argv=None):
     model = build(arguments, ctx, class_counts)
     # Deferred re-weighting (LDAM-DRW): per-class loss weights from the --drw-epoch-th epoch on.
     class_weights = mx.nd.array(drw_class_weights(class_counts, arguments.drw_beta), ctx=ctx)
-    steps_per_epoch = (len(train_images) + arguments.batch_size - 1) // arguments.batch_size
+    distributed = arguments.kvstore.startswith("dist")
+    steps_per_epoch = (len(train_images) // arguments.batch_size if distributed
+                       else (len(train_images) + arguments.batch_size - 1) // arguments.batch_size)
     schedule = mx.lr_scheduler.MultiFactorScheduler(
         [s * steps_per_epoch for s in arguments.lr_steps if s > 0], factor=0.1, base_lr=arguments.lr) \
         if arguments.lr_steps else None
-    trainer = gluon.Trainer(model.collect_params(), "sgd",
+    # Distributed: Gluon's default, the optimizer (stock SGD, pickled) updates on the servers;
+    # the schedule's step counters stay out of the kvstore (trainable_parameters).
+    trainer = gluon.Trainer(trainable_parameters(model), "sgd",
                             {"learning_rate": arguments.lr, "momentum": 0.9, "wd": arguments.wd,
-                             "lr_scheduler": schedule})
+                             "lr_scheduler": schedule}, kvstore=kvstore)
     loss_function = gluon.loss.SoftmaxCrossEntropyLoss()
     start_epoch = 0
     if arguments.resume:
         model.load_parameters(arguments.resume + ".params", ctx=ctx)
-        trainer.load_states(arguments.resume + ".states")
         with open(arguments.resume + ".json") as handle:
             start_epoch = json.load(handle)["epoch"]
+        if os.path.exists(arguments.resume + ".states") and not distributed:
+            trainer.load_states(arguments.resume + ".states")
+        else:  # optimizer states live on the servers (MXNet cannot save them): momentum restarts,
+            # the learning-rate schedule goes on from the step it had reached
+            trainer.optimizer.begin_num_update = trainer.optimizer.num_update = start_epoch * steps_per_epoch
 
     log = []
     samples_per_second = []
@@ -410,7 +435,9 @@ def main(argv=None):
         if tqdm is not None and not arguments.no_progress:
             progress = tqdm(total=len(train_images), desc=f"epoch {epoch + 1}/{arguments.epochs}",
                             unit="img", leave=False, file=sys.stderr)
-        for data, label in batches(train_images, train_labels, arguments.batch_size, True, rng):
+        # Distributed: whole batches only (the servers' optimizer keeps the first batch size).
+        for data, label in batches(train_images, train_labels, arguments.batch_size, True, rng,
+                                   drop_last=distributed):
             start = time.perf_counter()
             with autograd.record():
                 _, logits = model(data, label)
@@ -418,7 +445,7 @@ def main(argv=None):
                 sample_weight = class_weights.take(label).reshape((-1, 1)) if reweighted else None
                 loss = loss_function(logits, label, sample_weight)
             loss.backward()
-            trainer.step(data.shape[0])
+            trainer.step(data.shape[0] * num_workers)
             mx.nd.waitall()  # backward and update run asynchronously: time them to the end
             elapsed += time.perf_counter() - start
             batch_loss = float(loss.mean().asscalar())
@@ -440,15 +467,16 @@ def main(argv=None):
         print(f"epoch {epoch + 1}: loss {entry['loss']:.4f} train {entry['train_accuracy']:.4f} "
               f"test {test_accuracy:.4f} beta {beta if beta is None else f'{beta:.4g}'} "
               f"{speed:.0f} samples/s", flush=True)
-        if arguments.save:
+        if arguments.save and writer:
             model.save_parameters(arguments.save + ".params")
-            trainer.save_states(arguments.save + ".states")
+            if not distributed:
+                trainer.save_states(arguments.save + ".states")
             with open(arguments.save + ".json", "w") as handle:
                 json.dump({"epoch": epoch + 1}, handle)
 
     test_accuracy, per_class, features = evaluate(model, test_images, test_labels, 500, rng,
                                                   keep_features=bool(arguments.plot))
-    if arguments.plot:
+    if arguments.plot and writer:
         plot_features(features, test_labels, arguments.plot, f"{head_title(arguments)}: test accuracy "
                       f"{test_accuracy:.2%}", DATASETS[arguments.dataset].class_names)
     groups = shot_groups(class_counts, arguments.many_shot, arguments.few_shot)
@@ -464,9 +492,9 @@ def main(argv=None):
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
                    final_beta=model.head.current_beta if isinstance(model.head, MarginDense) else None,
                    settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(),
-                   machine=machine(), epochs=log)
+                   machine=machine(), num_workers=num_workers, epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)
-    if arguments.json:
+    if arguments.json and writer:
         os.makedirs(os.path.dirname(os.path.abspath(arguments.json)), exist_ok=True)
         with open(arguments.json, "w") as handle:
             json.dump(summary, handle, indent=1)

@@ -13,8 +13,21 @@ from .dispatch import (check_batch, check_class_margins, check_inputs, check_num
                        margin_logits, resolve_backend)
 from .kinds import KINDS, SETTINGS, MarginSettings
 
-__all__ = ["MarginDense", "LSoftmaxDense", "SphereFaceDense", "CosFaceDense", "ArcFaceDense",
+__all__ = ["trainable_parameters", "MarginDense", "LSoftmaxDense", "SphereFaceDense", "CosFaceDense", "ArcFaceDense",
            "CombinedMarginDense", "LDAMDense"]
+
+
+def trainable_parameters(block):
+    """``block.collect_params()`` without the parameters nobody trains (``grad_req`` 'null'):
+    what to give ``gluon.Trainer`` when its kvstore is distributed.
+
+    A Trainer puts every parameter it gets into its kvstore and, on a distributed one,
+    broadcasts rank 0's values at its first step. The margin blocks' ``step`` counter is
+    advanced by the op itself, outside the engine's view for the Python backend, so that
+    broadcast can land after the op's own write and set the schedule back; the counter needs
+    no exchange anyway, since every worker takes the same steps.
+    """
+    return {name: parameter for name, parameter in block.collect_params().items() if parameter.grad_req != "null"}
 
 
 class MarginDense(HybridBlock):
@@ -81,6 +94,10 @@ class MarginDense(HybridBlock):
     @property
     def current_beta(self):
         """The beta the next training step will use (from ``step`` on the first context)."""
+        if self.backend == "python":
+            # The Python op advances ``step`` from MXNet's custom-op thread, a write the engine
+            # does not order before other reads of ``step``: let every pushed op finish first.
+            mx.nd.waitall()
         return self.settings.beta_at(float(self.step.data(self.step.list_ctx()[0]).asscalar()))
 
     def forward(self, x, label=None):
