@@ -170,6 +170,53 @@ def kind_runner(kind, backend, rows, dims, classes, dtype, arrays):
     return bind_graph(graph, rows, dims, classes, dtype, arrays)
 
 
+def scale_point(backend, rows, dims, classes, kind="arcface", steps=3):
+    """One training step (forward+backward, float32, bound graph) at a large C, in this process:
+    {'ms': median of ``steps`` after one warm-up, 'peak_mb': the process's peak resident memory}.
+    Run each point in a fresh process (``scale_section``) so that peaks do not mix."""
+    arrays = {"data": mx.nd.random.normal(shape=(rows, dims)), "weight": mx.nd.random.normal(shape=(classes, dims)),
+              "label": mx.nd.array(np.random.default_rng(0).integers(0, classes, rows))}
+    run = kind_runner(kind, backend, rows, dims, classes, "float32", arrays)
+    del arrays
+    run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(1000 * (time.perf_counter() - start))
+    return {"ms": float(np.median(times)), "peak_mb": peak_memory_mb()}
+
+
+def scale_section(backends, classes=10 ** 6, dims_list=(128, 512), rows=256, kind="arcface"):
+    """Markdown and raw rows: time and peak memory per training step at ``classes`` classes."""
+    import subprocess
+    rows_out = []
+    for dims in dims_list:
+        row = {"dims": dims}
+        for backend in ["softmax"] + list(backends):
+            code = (f"import json, benchmark; print('RESULT', json.dumps(benchmark.scale_point("
+                    f"{backend!r}, {rows}, {dims}, {classes}, {kind!r})))")
+            done = subprocess.run([sys.executable, "-c", code], cwd=EXAMPLES, capture_output=True, text=True,
+                                  timeout=1800)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"scale point {backend} D={dims} failed: {done.stderr[-2000:]}")
+            row[backend] = json.loads(lines[-1][len("RESULT "):])
+            print(f"C={classes} D={dims} {backend}: {row[backend]['ms']:.0f} ms, peak {row[backend]['peak_mb']:.0f} MB",
+                  flush=True)
+        rows_out.append(row)
+    header = ("| D | weight MB | FullyConnected ms / peak MB | " +
+              " | ".join(f"{backend} ms (ratio) / peak MB" for backend in backends) + " |\n|---|---|---|" +
+              "---|" * len(backends) + "\n")
+    lines = []
+    for row in rows_out:
+        base = row["softmax"]
+        cells = [f"{row[b]['ms']:.0f} ({row[b]['ms'] / base['ms']:.2f}x) / {row[b]['peak_mb']:.0f}" for b in backends]
+        lines.append(f"| {row['dims']} | {classes * row['dims'] * 4 / 2 ** 20:.0f} | {base['ms']:.0f} / "
+                     f"{base['peak_mb']:.0f} | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines), rows_out
+
+
 def measure_kinds(shape, dtype, kinds, backends, rounds):
     """Median ms per (kind, backend) and ratio to FullyConnected, alternating call by call.
 
@@ -381,7 +428,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--parts", nargs="*", default=["layer", "kinds", "lenet", "gpu"],
-                        choices=["layer", "kinds", "lenet", "gpu"], help="which sections to measure")
+                        choices=["layer", "kinds", "lenet", "gpu", "scale"],
+                        help="which sections to measure (scale: C = 10^6, minutes and ~10 GB; not by default)")
+    parser.add_argument("--scale-classes", type=positive_int, default=10 ** 6, help="C of the scale section")
     parser.add_argument("--kinds", nargs="*", default=list(mx_lsoftmax.KINDS), choices=list(mx_lsoftmax.KINDS),
                         help="kinds of the kinds section (each at its defaults)")
     parser.add_argument("--kind-shapes", nargs="+", type=shape_argument, default=None,
@@ -486,6 +535,19 @@ tests/test_lsoftmax_benchmark.py).
 LeNet with a 256-wide embedding on real MNIST, m = 4, beta 100, scale 0.99, SGD: samples/s over the second of two
 epochs of {arguments.lenet_images} images (the first pays for graph building), read from
 `examples/train_mnist.py --json` (`epochs[-1].samples_per_sec`), one run per cell.
+
+{text}
+""")
+
+    if "scale" in arguments.parts:
+        text, results = scale_section(backends, arguments.scale_classes)
+        raw["scale"] = results
+        sections.append(f"""## One machine at C = {arguments.scale_classes} classes
+
+ArcFace (defaults), float32, N = 256, a graph bound once (`simple_bind`), forward+backward with data
+and weight gradients: the median of 3 steps after a warm-up, and the peak resident memory of a fresh
+process holding that one graph (`ru_maxrss`: weight, its gradient, the (N, C) logits and their
+gradient, the kernels' buffers, and MXNet itself).
 
 {text}
 """)
