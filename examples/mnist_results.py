@@ -123,25 +123,29 @@ def versions(summaries):
     return "Code version of the runs (train_mnist.py's `code_version`): " + ", ".join(found) + "."
 
 
-def figure_section(arguments):
+def panel_figure(arguments, panels, file_name):
+    """One run per panel, each drawing its --plot image, side by side in figures/``file_name``;
+    ``panels`` is a list of (run name, train_mnist.py arguments). Returns the runs' summaries."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(SETTINGS), figsize=(4 * len(SETTINGS), 4))
-    rows, summaries = [], []
-    for axis, setting in zip(axes, SETTINGS):
-        name = f"figure_{setting}"
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    summaries = []
+    for axis, (name, argv) in zip(axes, panels):
         image_path = os.path.join(arguments.runs_dir, name + ".png")
-        summary = run(name, limited(setting_args(setting) + ["--epochs", str(arguments.figure_epochs),
-                                                             "--embed-dim", "2", "--plot", image_path], arguments),
-                      arguments)
-        summaries.append(summary)
+        summaries.append(run(name, limited(argv + ["--plot", image_path], arguments), arguments))
         axis.imshow(plt.imread(image_path))
         axis.axis("off")
-        rows.append(f"| {setting} | {100 * summary['test_accuracy']:.2f} |")
     figure.tight_layout()
-    figure.savefig(os.path.join(figures_dir(arguments), "features_2d.png"), dpi=110)
+    figure.savefig(os.path.join(figures_dir(arguments), file_name), dpi=110)
     plt.close(figure)
+    return summaries
+
+
+def figure_section(arguments):
+    summaries = panel_figure(arguments, [(f"figure_{setting}", setting_args(setting) + [
+        "--epochs", str(arguments.figure_epochs), "--embed-dim", "2"]) for setting in SETTINGS], "features_2d.png")
+    rows = [f"| {setting} | {100 * summary['test_accuracy']:.2f} |" for setting, summary in zip(SETTINGS, summaries)]
     return (f"## 2-D test features (the paper's Fig. 2)\n\nLeNet with a 2-D embedding, "
             f"{arguments.figure_epochs} epochs, beta 100, scale 0.99. {versions(summaries)}\n\n"
             f"![2-D features](figures/features_2d.png)\n\n| setting | test accuracy % |\n|---|---|\n"
@@ -184,24 +188,12 @@ def speed_section(arguments):
 
 
 def sphere_section(arguments):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(SPHERE), figsize=(4 * len(SPHERE), 4))
-    rows, summaries = [], []
-    for axis, (label, head) in zip(axes, SPHERE):
-        name = f"sphere_{label}"
-        image_path = os.path.join(arguments.runs_dir, name + ".png")
-        summary = run(name, limited(["--dataset", "fashion-mnist", "--epochs", str(arguments.family_epochs),
-                                     "--lr-steps", str(lr_step(arguments.family_epochs)), "--embed-dim", "3",
-                                     "--plot", image_path] + head, arguments), arguments)
-        summaries.append(summary)
-        axis.imshow(plt.imread(image_path))
-        axis.axis("off")
-        rows.append(f"| {label} | `{' '.join(head)}` | {100 * summary['test_accuracy']:.2f} |")
-    figure.tight_layout()
-    figure.savefig(os.path.join(figures_dir(arguments), "sphere_3d.png"), dpi=110)
-    plt.close(figure)
+    common = ["--dataset", "fashion-mnist", "--epochs", str(arguments.family_epochs),
+              "--lr-steps", str(lr_step(arguments.family_epochs)), "--embed-dim", "3"]
+    summaries = panel_figure(arguments, [(f"sphere_{label}", common + head) for label, head in SPHERE],
+                             "sphere_3d.png")
+    rows = [f"| {label} | `{' '.join(head)}` | {100 * summary['test_accuracy']:.2f} |"
+            for (label, head), summary in zip(SPHERE, summaries)]
     return (f"## Fashion-MNIST on the unit sphere: 3-D test features per kind\n\nLeNet with a 3-D "
             f"embedding, {arguments.family_epochs} epochs, seed 0; each panel shows the 10000 test "
             f"features divided by their norm, coloured by class. In three dimensions the papers' s = 64 "
