@@ -34,6 +34,8 @@ BAD = [
     ("benchmark", ["--kind-shapes", "1x0x3"], "--kind-shapes: expected NxDxC with three integers > 0"),
     ("mnist_results", ["--epochs", "0"], "--epochs: expected an integer > 0, got '0'"),
     ("mnist_results", ["--seeds", "-1"], "--seeds: expected an integer >= 0, got '-1'"),
+    ("imbalanced_results", ["--epochs", "10", "--drw-epoch", "10"], "--drw-epoch 10 is past the run (--epochs 10)"),
+    ("imbalanced_results", ["--seeds", "x"], "--seeds: expected an integer >= 0, got 'x'"),
 ]
 
 
@@ -49,7 +51,7 @@ def test_bad_settings_are_argparse_errors_before_any_data(script, argv, message,
     assert message in error and "MNIST" not in error
 
 
-@pytest.mark.parametrize("script", ["train_mnist", "benchmark", "mnist_results"])
+@pytest.mark.parametrize("script", ["train_mnist", "benchmark", "mnist_results", "imbalanced_results"])
 def test_help_shows_every_default(script, capsys):
     with pytest.raises(SystemExit) as stop:
         load_example(script).main(["--help"])

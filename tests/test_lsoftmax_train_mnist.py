@@ -150,3 +150,35 @@ def test_resnet18_option_builds_the_model_zoo_network():
     network = example.resnet18(16)
     network.initialize()
     assert network(mx.nd.zeros((2, 1, 28, 28))).shape == (2, 16)
+
+
+def test_imbalanced_document_from_its_runs(tmp_path, monkeypatch):
+    """docs/imbalanced.md's table and figure from the runs' logs (faked here): per-seed and mean
+    accuracy, the group columns, the anchors, every head and factor, one figure."""
+    results = load_example("imbalanced_results")
+    calls = []
+
+    def fake_run(name, argv, arguments):
+        calls.append(argv)
+        factor = float(argv[argv.index("--imbalance-factor") + 1])
+        counts = results.mnist_results.train_mnist.long_tailed_counts(6000, 10, "exp", factor)
+        seed = int(argv[argv.index("--seed") + 1])
+        per_class = [0.9 - 0.05 * index + 0.01 * seed for index in range(10)]
+        groups = ["many" if n >= 1000 else "few" if n < 200 else "medium" for n in counts]
+        group_accuracy = {g: (sum(a for a, h in zip(per_class, groups) if h == g) / groups.count(g)
+                              if g in groups else None) for g in ("many", "medium", "few")}
+        return {"test_accuracy": sum(per_class) / 10, "test_accuracy_per_class": per_class,
+                "train_class_counts": counts, "group_accuracy": group_accuracy,
+                "train_samples_per_sec": 1000.0, "settings": {"imbalance_factor": factor}, "code_version": "abc"}
+    monkeypatch.setattr(results.mnist_results, "run", fake_run)
+    output = tmp_path / "docs" / "imbalanced.md"
+    results.main(["--seeds", "0", "1", "--resnet-epochs", "0", "--runs-dir", str(tmp_path / "runs"),
+                  "--output", str(output)])
+    text = output.read_text()
+    assert len(calls) == 2 * 7 * 2  # factors x heads x seeds
+    drw_runs = [argv for argv in calls if "--drw-epoch" in argv]
+    assert len(drw_runs) == 4 and all(argv[argv.index("--drw-epoch") + 1] == "12" for argv in drw_runs)
+    assert text.count("| ldam + DRW `--loss ldam --drw-epoch 12` |") == 2
+    assert "ERM 29.64%, LDAM-DRW 22.97%" in text and "ERM 13.61%, LDAM-DRW 11.84%" in text
+    assert "| softmax `--loss softmax` | 67.50 / 68.50 | 68.00 | 32.00 |" in text
+    assert (tmp_path / "docs" / "figures" / "imbalanced_per_class.png").stat().st_size > 1000
