@@ -29,8 +29,15 @@ def test_readme_use_snippet_runs_and_its_graphs_train_and_score():
     assert namespace["logits"].shape == (8, 10)
     assert namespace["step"].asscalar() == 2  # two training calls shared the counter
     head = namespace["head"]
-    head.initialize()
     assert head(mx.nd.ones((2, 6))).shape == (2, 10)
+    ldam = namespace["ldam"]
+    ldam.initialize()
+    margins = ldam.class_margins.data().asnumpy()
+    assert margins.argmax() == 9 and abs(margins.max() - 0.5) < 1e-6  # the rarest class: max_margin
+    with mx.autograd.record():
+        assert ldam(mx.nd.ones((2, 6)), mx.nd.array([0, 9])).shape == (2, 10)
+    # The Trainer holds the weight and not the schedule's counter.
+    assert [p.name for p in namespace["trainer"]._params] == [head.weight.name]
 
     data = rng.standard_normal((32, 4)).astype(np.float32)
     labels = rng.integers(0, 10, 32).astype(np.float32)
