@@ -361,11 +361,18 @@ def check_imbalance(parser, arguments):
         parser.error(f"--few-shot {arguments.few_shot} must be <= --many-shot {arguments.many_shot}")
 
 
-def main(argv=None):
-    arguments = parse_arguments(argv)
+class Prepared:
+    """What a run trains on: the worker's shard of the (long-tailed) training set, the test
+    set, the whole training set's class counts, and the worker's place in the job."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def prepare(arguments):
+    """Seeds, data (checked), the long-tailed subset, the kvstore and this worker's shard."""
     mx.random.seed(arguments.seed)
     np.random.seed(arguments.seed)
-    rng = np.random.default_rng(arguments.seed)
     try:
         loaded = load_dataset(arguments.dataset, arguments.data_dir)
     except DataError as error:
@@ -396,20 +403,36 @@ def main(argv=None):
         # equal shards, the remainder of the set dropped.
         shard = np.arange(len(train_images))[rank::num_workers][:len(train_images) // num_workers]
         train_images, train_labels = train_images[shard], train_labels[shard]
-    writer = rank == 0  # rank 0 alone writes the log, the plot and the checkpoints
     if arguments.backend == "auto":
         arguments.backend = mx_lsoftmax.resolve_backend("auto")
+    # rank 0 alone writes the log, the plot and the checkpoints
+    return Prepared(train_images=train_images, train_labels=train_labels, test_images=test_images,
+                    test_labels=test_labels, class_counts=class_counts, kvstore=kvstore, rank=rank,
+                    num_workers=num_workers, writer=rank == 0,
+                    distributed=arguments.kvstore.startswith("dist"))
 
+
+def learning_rate_schedule(arguments, steps_per_epoch):
+    """lr x0.1 at each of --lr-steps (epochs), as a per-update schedule; None without steps."""
+    steps = [step * steps_per_epoch for step in arguments.lr_steps if step > 0]
+    return mx.lr_scheduler.MultiFactorScheduler(steps, factor=0.1, base_lr=arguments.lr) if steps else None
+
+
+def main(argv=None):
+    arguments = parse_arguments(argv)
+    prepared = prepare(arguments)
+    rng = np.random.default_rng(arguments.seed)
+    train_images, train_labels = prepared.train_images, prepared.train_labels
+    test_images, test_labels = prepared.test_images, prepared.test_labels
+    class_counts, kvstore, num_workers = prepared.class_counts, prepared.kvstore, prepared.num_workers
+    writer, distributed = prepared.writer, prepared.distributed
     ctx = mx.cpu()
     model = build(arguments, ctx, class_counts)
     # Deferred re-weighting (LDAM-DRW): per-class loss weights from the --drw-epoch-th epoch on.
     class_weights = mx.nd.array(drw_class_weights(class_counts, arguments.drw_beta), ctx=ctx)
-    distributed = arguments.kvstore.startswith("dist")
     steps_per_epoch = (len(train_images) // arguments.batch_size if distributed
                        else (len(train_images) + arguments.batch_size - 1) // arguments.batch_size)
-    schedule = mx.lr_scheduler.MultiFactorScheduler(
-        [s * steps_per_epoch for s in arguments.lr_steps if s > 0], factor=0.1, base_lr=arguments.lr) \
-        if arguments.lr_steps else None
+    schedule = learning_rate_schedule(arguments, steps_per_epoch)
     # Distributed: Gluon's default, the optimizer (stock SGD, pickled) updates on the servers;
     # the schedule's step counters stay out of the kvstore (trainable_parameters).
     trainer = gluon.Trainer(trainable_parameters(model), "sgd",
@@ -479,22 +502,27 @@ def main(argv=None):
     if arguments.plot and writer:
         plot_features(features, test_labels, arguments.plot, f"{head_title(arguments)}: test accuracy "
                       f"{test_accuracy:.2%}", DATASETS[arguments.dataset].class_names)
-    groups = shot_groups(class_counts, arguments.many_shot, arguments.few_shot)
+    final_beta = model.head.current_beta if isinstance(model.head, MarginDense) else None
+    return summarize(arguments, prepared, test_accuracy, per_class, samples_per_second, final_beta, log)
+
+
+def summarize(arguments, prepared, test_accuracy, per_class, samples_per_second, final_beta, log):
+    """The run's summary (printed accuracy; the --json log, written by rank 0)."""
+    groups = shot_groups(prepared.class_counts, arguments.many_shot, arguments.few_shot)
     group_accuracy = {}
     for group in ("many", "medium", "few"):
         members = [index for index, name in enumerate(groups) if name == group]
         # Classes weigh equally (the test set is balanced): the mean of their accuracies.
         group_accuracy[group] = float(np.mean([per_class[index] for index in members])) if members else None
     summary = dict(test_accuracy=test_accuracy, test_accuracy_per_class=per_class,
-                   train_class_counts=class_counts, shot_groups=groups,
+                   train_class_counts=prepared.class_counts, shot_groups=groups,
                    shot_thresholds=dict(many=f">= {arguments.many_shot}", few=f"< {arguments.few_shot}"),
                    group_accuracy=group_accuracy,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
-                   final_beta=model.head.current_beta if isinstance(model.head, MarginDense) else None,
-                   settings={k: v for k, v in vars(arguments).items()}, code_version=code_version(),
-                   machine=machine(), num_workers=num_workers, epochs=log)
+                   final_beta=final_beta, settings={k: v for k, v in vars(arguments).items()},
+                   code_version=code_version(), machine=machine(), num_workers=prepared.num_workers, epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)
-    if arguments.json and writer:
+    if arguments.json and prepared.writer:
         os.makedirs(os.path.dirname(os.path.abspath(arguments.json)), exist_ok=True)
         with open(arguments.json, "w") as handle:
             json.dump(summary, handle, indent=1)

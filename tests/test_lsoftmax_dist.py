@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import mx_lsoftmax
 from mx_lsoftmax import launch as launcher
 from mx_lsoftmax.support.data import resolve_directory
 
@@ -115,12 +116,13 @@ def test_launcher_command_line_errors(tmp_path, capsys):
         launcher.main(["--hostfile", str(tmp_path / "hosts"), "--", "true"])
 
 
-def test_train_mnist_two_workers_write_one_log_and_resume(tmp_path):
+@pytest.mark.parametrize("example", ["train_mnist", "train_mnist_module"], ids=["gluon", "module"])
+def test_train_mnist_two_workers_write_one_log_and_resume(tmp_path, example):
     if resolve_directory(None) is None:
         pytest.skip("real MNIST not found (set MNIST_DIR, see ../shared/data/mnist)")
-    script = os.path.join(ROOT, "examples", "train_mnist.py")
+    script = os.path.join(ROOT, "examples", example + ".py")
     common = ["--kvstore", "dist_sync", "--train-limit", "2000", "--test-limit", "500", "--no-progress",
-              "--loss", "arcface", "--s", "16", "--margin", "0.3", "--lr-steps"]
+              "--loss", "arcface", "--s", "16", "--margin", "0.3", "--beta", "100", "--scale", "0.9", "--lr-steps"]
     first = [sys.executable, script, *common, "--epochs", "1", "--save", str(tmp_path / "ckpt"),
              "--json", str(tmp_path / "first.json")]
     assert launcher.launch(first, workers=2, servers=1, timeout=TIME_LIMIT, grace=5) == 0
@@ -133,3 +135,6 @@ def test_train_mnist_two_workers_write_one_log_and_resume(tmp_path):
     second = json.loads((tmp_path / "second.json").read_text())
     assert [entry["epoch"] for entry in second["epochs"]] == [2]
     assert second["test_accuracy"] > 0.3
+    # The schedule went on from the checkpoint: beta at the end is the schedule's at 2 epochs of steps.
+    steps = 2 * (1000 // 128)  # each worker: 1000 images, whole batches
+    assert second["epochs"][-1]["beta"] == pytest.approx(mx_lsoftmax.MarginSettings("arcface", s=16, margin=0.3, beta=100, scale=0.9).beta_at(steps))

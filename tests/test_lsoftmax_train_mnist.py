@@ -182,3 +182,24 @@ def test_imbalanced_document_from_its_runs(tmp_path, monkeypatch):
     assert "ERM 29.64%, LDAM-DRW 22.97%" in text and "ERM 13.61%, LDAM-DRW 11.84%" in text
     assert "| softmax `--loss softmax` | 67.50 / 68.50 | 68.00 | 32.00 |" in text
     assert (tmp_path / "docs" / "figures" / "imbalanced_per_class.png").stat().st_size > 1000
+
+
+def test_module_example_refuses_what_it_does_not_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(tmp_path / "none"))
+    example = load_example("train_mnist_module")
+    for argv, option in ((["--net", "paper"], "--net paper"), (["--embed-dim", "2", "--plot", "x.png"], "--plot"),
+                         (["--epochs", "3", "--drw-epoch", "1"], "--drw-epoch")):
+        with pytest.raises(SystemExit) as stop:
+            example.main(argv)
+        assert f"{option} is train_mnist.py's only" in str(stop.value)
+
+
+def test_module_example_trains_every_head_kind(tmp_path):
+    if resolve_directory(None) is None:
+        pytest.skip("real MNIST not found (set MNIST_DIR, see ../shared/data/mnist)")
+    summary = load_example("train_mnist_module").main(
+        ["--loss", "sphereface", "--epochs", "1", "--train-limit", "3000", "--test-limit", "500", "--lr-steps",
+         "--no-progress", "--json", str(tmp_path / "module.json")])
+    assert summary["test_accuracy"] > 0.3 and len(summary["test_accuracy_per_class"]) == 10
+    # sphereface's schedule: beta after one epoch of 24 steps (3000 images, the last batch padded)
+    assert summary["epochs"][0]["beta"] == pytest.approx(1000 / (1 + 0.12 * 24))
