@@ -257,14 +257,18 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if target is not None:
             g = mx.nd.pick(grad_output, target["label_index"], axis=1).astype("float64")
         if saved["normalised"]:
-            product_grad = grad_output * saved["factors"]
+            # Same-shape (N, C) products by elemwise_mul: `*` dispatches to broadcast_mul,
+            # 2-3 times slower over arrays this size.
+            product_grad = mx.nd.elemwise_mul(grad_output, saved["factors"])
             if target is not None:
                 product_grad[target["rows"], target["label_index"]] = (g * target["d_f"]).astype(dtype)
-            weighted = grad_output * out_data[0]  # G_ij o_ij: S_i and T_j of (K8)
+            weighted = mx.nd.elemwise_mul(grad_output, out_data[0])  # G_ij o_ij: S_i and T_j of (K8)
         else:
             product_grad = grad_output
-        mx.nd.dot(product_grad, weight, out=grad_data)
-        mx.nd.dot(product_grad, data, transpose_a=True, out=grad_weight)
+        # linalg.gemm2 calls BLAS gemm with the transposes as flags, as FullyConnected's backward
+        # does; mx.nd.dot takes another route that is ~40% slower for these shapes here.
+        mx.nd.linalg.gemm2(product_grad, weight, out=grad_data)
+        mx.nd.linalg.gemm2(product_grad, data, transpose_a=True, out=grad_weight)
 
         along_x = g * target["p"] if target is not None else mx.nd.zeros_like(saved["norm_x"])
         if saved["normalised"] and row.normalise_features:
