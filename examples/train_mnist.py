@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train LeNet (or the paper's MNIST network) with a margin-softmax head on MNIST or Fashion-MNIST.
+"""Train LeNet (or the paper's network, or ResNet-18) with a margin-softmax head on MNIST or Fashion-MNIST.
 
 Examples:
   python examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 --plot features.png
