@@ -68,7 +68,7 @@ def table(arguments):
     """Runs every head, factor and seed; returns (markdown, logs, per-class means for the figure)."""
     sections, logs, curves = [], [], {}
     for factor in FACTORS:
-        rows = []
+        rows, means = [], {}
         for label, head in HEADS:
             summaries = []
             for seed in arguments.seeds:
@@ -82,6 +82,7 @@ def table(arguments):
             per_class = [mean([summary["test_accuracy_per_class"][index] for summary in summaries])
                          for index in range(len(counts))]
             curves[(factor, label)] = (counts, per_class)
+            means[label] = (mean(overall), groups)
             rows.append(f"| {label} `{' '.join(head_args(head, arguments))}` | "
                         f"{' / '.join(percent(value) for value in overall)} | {percent(mean(overall))} | "
                         f"{100 - 100 * mean(overall):.2f} | " + " | ".join(percent(groups[g]) for g in GROUPS) + " |")
@@ -92,8 +93,25 @@ def table(arguments):
             f"{', '.join(map(str, counts))}; {sum(counts)} in all. LDAM paper, long-tailed CIFAR-10 at this "
             f"ratio, top-1 error: ERM {erm}%, LDAM-DRW {ldam_drw}%.\n\n"
             "| head | test accuracy per seed % | mean % | mean error % | many-shot % | medium-shot % | few-shot % |\n"
-            "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + findings(means) + "\n")
     return "\n".join(sections), logs, curves
+
+
+def findings(means):
+    """What the table says against softmax, computed from it (means over seeds)."""
+    base, base_groups = means["softmax"]
+    lines = []
+    for label, (value, groups) in means.items():
+        if label == "softmax":
+            continue
+        few = groups["few"] if groups["few"] is not None else groups["medium"]
+        few_base = base_groups["few"] if base_groups["few"] is not None else base_groups["medium"]
+        rarest = "few-shot" if groups["few"] is not None else "medium-shot"
+        lines.append(f"{label} {100 * (value - base):+.2f} points overall, {100 * (few - few_base):+.2f} {rarest}")
+    best = max(means, key=lambda label: means[label][0])
+    worse = [label for label, (value, _) in means.items() if label != "softmax" and value < base]
+    return (f"Against softmax ({percent(base)}%), mean over seeds: " + "; ".join(lines) + f". Best: {best}. "
+            + (f"Below softmax: {', '.join(worse)}." if worse else "No head is below softmax."))
 
 
 def figure(curves, path):

@@ -227,10 +227,25 @@ def family_speed(label, head, arguments):
     return summary["epochs"][-1]["samples_per_sec"]
 
 
+def family_findings(means):
+    """Per data set, each head against softmax (means over seeds), computed from the table."""
+    lines = []
+    for dataset in FAMILY_DATASETS:
+        base = means[(dataset, "softmax")]
+        above = [f"{label} {means[(dataset, label)] - base:+.2f}" for label, _ in FAMILY[1:]
+                 if means[(dataset, label)] > base]
+        below = [f"{label} {means[(dataset, label)] - base:+.2f}" for label, _ in FAMILY[1:]
+                 if means[(dataset, label)] <= base]
+        best = max((label for label, _ in FAMILY), key=lambda label: means[(dataset, label)])
+        lines.append(f"- {dataset}: softmax {base:.2f}%; above it: {', '.join(above) or 'none'}; "
+                     f"not above it: {', '.join(below) or 'none'}; best: {best}.")
+    return "Against softmax, points of mean test accuracy:\n\n" + "\n".join(lines) + "\n"
+
+
 def family_section(arguments):
     header = ("| head | " + " | ".join(f"{dataset} per seed % | {dataset} mean %" for dataset in FAMILY_DATASETS)
               + " | training samples/s (ratio to softmax) |\n|---|" + "---|---|" * len(FAMILY_DATASETS) + "---|\n")
-    rows, logs = [], []
+    rows, logs, means = [], [], {}
     softmax_speed = family_speed(*FAMILY[0], arguments)
     for label, head in FAMILY:
         cells = []
@@ -246,6 +261,7 @@ def family_section(arguments):
                 logs.append(summary)
                 accuracies.append(100 * summary["test_accuracy"])
             cells.append(f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {sum(accuracies) / len(accuracies):.2f}")
+            means[(dataset, label)] = sum(accuracies) / len(accuracies)
         speed = family_speed(label, head, arguments)
         rows.append(f"| {label} `{' '.join(head)}` | " + " | ".join(cells) + f" | {speed:.0f} ({speed / softmax_speed:.2f}x) |")
     limit = f" Training on the first {arguments.train_limit} images." if arguments.train_limit else ""
@@ -261,7 +277,7 @@ def family_section(arguments):
             f"of 12800 images, one run per head on otherwise idle cores (`family_speed_*` logs).{limit} "
             f"{versions(logs)}\n\n"
             f"Anchors for Fashion-MNIST, from its README's table of submitted benchmarks (no preprocessing): "
-            f"{FASHION_ANCHORS}.\n\n" + header + "\n".join(rows) + "\n")
+            f"{FASHION_ANCHORS}.\n\n" + header + "\n".join(rows) + "\n\n" + family_findings(means))
 
 
 def main(argv=None):

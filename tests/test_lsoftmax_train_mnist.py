@@ -203,3 +203,22 @@ def test_module_example_trains_every_head_kind(tmp_path):
     assert summary["test_accuracy"] > 0.3 and len(summary["test_accuracy_per_class"]) == 10
     # sphereface's schedule: beta after one epoch of 24 steps (3000 images, the last batch padded)
     assert summary["epochs"][0]["beta"] == pytest.approx(1000 / (1 + 0.12 * 24))
+
+
+def test_family_table_and_findings_from_its_runs(monkeypatch):
+    """docs/results.md's family table from the runs' logs (faked): every head, data set and seed,
+    samples/s from the speed runs, and the findings against softmax computed from the means."""
+    results = load_example("mnist_results")
+    accuracy = {"softmax": 0.9, "arcface_10-class": 0.92, "cosface_paper": 0.85}
+
+    def fake_run(name, argv, arguments):
+        key = next((k for k in accuracy if k in name), None)
+        return {"test_accuracy": accuracy.get(key, 0.91), "code_version": "abc",
+                "epochs": [{"samples_per_sec": 2000.0 if "softmax" in name else 1800.0}]}
+    monkeypatch.setattr(results, "run", fake_run)
+    arguments = results.argparse.Namespace(seeds=[0, 1], family_epochs=10, train_limit=0)
+    text = results.family_section(arguments)
+    assert text.count("| 90.00 / 90.00 | 90.00 |") == 1  # softmax on both data sets: one row
+    assert "| 1800 (0.90x) |" in text
+    assert "- fashion-mnist: softmax 90.00%; above it: lsoftmax m=2 +1.00" in text
+    assert "not above it: cosface (paper) -5.00; best: arcface (10-class)." in text
