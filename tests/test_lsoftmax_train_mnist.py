@@ -212,9 +212,9 @@ def test_family_table_and_findings_from_its_runs(monkeypatch):
     accuracy = {"softmax": 0.9, "arcface_10-class": 0.92, "cosface_paper": 0.85}
 
     def fake_run(name, argv, arguments):
-        key = next((k for k in accuracy if k in name), None)
+        key = next((k for k in accuracy if f"_{k}_" in name + "_"), None)  # "_softmax_", not lsoftmax
         return {"test_accuracy": accuracy.get(key, 0.91), "code_version": "abc",
-                "epochs": [{"samples_per_sec": 2000.0 if "softmax" in name else 1800.0}]}
+                "epochs": [{"samples_per_sec": 2000.0 if key == "softmax" else 1800.0}]}
     monkeypatch.setattr(results, "run", fake_run)
     arguments = results.argparse.Namespace(seeds=[0, 1], family_epochs=10, train_limit=0)
     text = results.family_section(arguments)
