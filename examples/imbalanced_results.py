@@ -36,6 +36,9 @@ HEADS = [
 # LDAM paper, long-tailed CIFAR-10 ('exp'), top-1 error %, ResNet-32: ERM (softmax) and LDAM-DRW.
 ANCHORS = {0.1: ("13.61", "11.84"), 0.01: ("29.64", "22.97")}
 GROUPS = ("many", "medium", "few")
+# The profile follows the class index, as LDAM-DRW's does: which classes end up rare is the data
+# set's order (Fashion-MNIST: the footwear and bags come last).
+CLASS_NAMES = mnist_results.train_mnist.DATASETS["fashion-mnist"].class_names
 
 
 def run_name(label, factor, seed, net="lenet"):
@@ -89,8 +92,9 @@ def table(arguments):
         counts = curves[(factor, HEADS[0][0])][0]
         erm, ldam_drw = ANCHORS[factor]
         sections.append(
-            f"### Imbalance factor {factor:g} (ratio {1 / factor:g})\n\nTraining images per class (class 0 to 9): "
-            f"{', '.join(map(str, counts))}; {sum(counts)} in all. LDAM paper, long-tailed CIFAR-10 at this "
+            f"### Imbalance factor {factor:g} (ratio {1 / factor:g})\n\nTraining images per class: "
+            f"{', '.join(f'{name} {count}' for name, count in zip(CLASS_NAMES, counts))}; {sum(counts)} in all. "
+            f"LDAM paper, long-tailed CIFAR-10 at this "
             f"ratio, top-1 error: ERM {erm}%, LDAM-DRW {ldam_drw}%.\n\n"
             "| head | test accuracy per seed % | mean % | mean error % | many-shot % | medium-shot % | few-shot % |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + findings(means) + "\n")
