@@ -4,7 +4,7 @@
 #   make cuda      build the CPU+GPU library with nvcc
 #   make test      all of the above that is out of date, then pytest
 #   make demo      train the 2-D LeNet on MNIST with margin 4 and draw its features
-#   make bench     benchmark every backend against FullyConnected
+#   make bench     benchmark every backend against FullyConnected (and C = 10^6: ~10 GB of memory)
 #   make results   the MNIST / Fashion-MNIST comparisons of docs/results.md (hours; reuses finished runs)
 #   make imbalanced the long-tailed comparisons of docs/imbalanced.md (reuses finished runs)
 
@@ -77,7 +77,7 @@ demo: install
 	    --epochs 5 --plot build/demo_features.png --json build/demo.json
 
 bench: install
-	$(PYTHON) examples/benchmark.py --write docs/benchmarks.md
+	$(PYTHON) examples/benchmark.py --parts layer kinds lenet gpu scale --write docs/benchmarks.md
 
 results: install
 	$(RUN_ENV) $(PYTHON) examples/mnist_results.py --epochs 20 --seeds 0 1 --figure-epochs 5 \

@@ -113,6 +113,9 @@ def same_settings(logged, wanted):
         logged["loss"] = "softmax" if logged.get("backend") == "softmax" else "lsoftmax"
     for key, value in LEGACY.items():
         logged.setdefault(key, value)
+    wanted = dict(wanted)
+    if wanted.get("backend") == "auto":  # a run records the backend 'auto' resolved to
+        wanted["backend"] = train_mnist.mx_lsoftmax.resolve_backend("auto")
     keys = COMPARED + (HEAD_COMPARED if wanted["loss"] != "softmax" else ())
     return all(logged.get(key) == wanted[key] for key in keys)
 

@@ -147,7 +147,7 @@ def plot_features(features, labels, path, title, class_names):
     for index, name in enumerate(class_names):
         chosen = features[labels == index]
         axis.scatter(*chosen.T, s=1, alpha=0.5, label=name)
-    axis.set_title(title)
+    axis.set_title(title, fontsize=9)
     axis.legend(markerscale=8, fontsize=7, loc="upper right")
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
