@@ -555,7 +555,7 @@ epochs of {arguments.lenet_images} images (the first pays for graph building), r
 
 ArcFace (defaults), float32, N = 256, a graph bound once (`simple_bind`), forward+backward with data
 and weight gradients: the median of 3 steps after a warm-up, and the peak resident memory of a fresh
-process holding that one graph (`ru_maxrss`: weight, its gradient, the (N, C) logits and their
+process holding that one graph (VmHWM: weight, its gradient, the (N, C) logits and their
 gradient, the kernels' buffers, and MXNet itself).
 
 {text}
