@@ -10,8 +10,7 @@ counter as the graph's auxiliary state `head_step`, `Module.fit` with the kvstor
 Example:
   python examples/train_mnist_module.py --loss cosface --s 16 --margin 0.2 --epochs 5 --json module.json
 """
-import os
-import sys
+import json
 import time
 
 import numpy as np
@@ -87,7 +86,7 @@ def main(argv=None):
     arg_params, aux_params, start_epoch = None, None, 0
     if arguments.resume:
         with open(arguments.resume + ".json") as handle:
-            start_epoch = train_mnist.json.load(handle)["epoch"]
+            start_epoch = json.load(handle)["epoch"]
         _, arg_params, aux_params = mx.model.load_checkpoint(arguments.resume, start_epoch)
     module.bind(train.provide_data, train.provide_label)
     module.init_params(mx.init.Xavier(), arg_params={**(arg_params or {}), **fixed}, aux_params=aux_params,
@@ -137,11 +136,11 @@ def main(argv=None):
         if arguments.save and prepared.writer:
             module.save_checkpoint(arguments.save, epoch + 1)
             with open(arguments.save + ".json", "w") as handle:
-                train_mnist.json.dump({"epoch": epoch + 1}, handle)
+                json.dump({"epoch": epoch + 1}, handle)
     test_accuracy, per_class = evaluate()
     return train_mnist.summarize(arguments, prepared, test_accuracy, per_class, samples_per_second,
                                  log[-1]["beta"] if log else None, log)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
