@@ -20,7 +20,8 @@ from .kinds import MarginSettings
 from .op import FLOAT, check_labels
 
 __all__ = ["margin_logits", "lsoftmax", "inference_symbol", "resolve_backend", "new_step", "ldam_margins",
-           "BACKENDS", "check_num_classes", "check_batch", "check_inputs", "check_class_margins"]
+           "BACKENDS", "check_num_classes", "check_batch", "check_inputs", "check_class_margins",
+           "margin_settings"]
 
 BACKENDS = ("auto", "python", "compiled")
 
@@ -73,6 +74,17 @@ def _check_arrays(data, weight, label, num_classes):
     if weight.dtype != data.dtype:
         raise ValueError(f"margin softmax input weight must have the dtype of data "
                          f"({np.dtype(data.dtype).name}), got {np.dtype(weight.dtype).name}")
+
+
+def margin_settings(kind, settings, per_class, role):
+    """``MarginSettings`` of ``kind``; with ``per_class`` (class margins given as an ``role``,
+    'input' or 'parameter'), switched to per-class margins, or an error naming the kind."""
+    if per_class:
+        if "per_class_margin" not in MarginSettings(kind).values:
+            raise ValueError(f"margin softmax {role} class_margins: kind {kind!r} takes one margin for every "
+                             f"class (per-class margins: kind 'cosface')")
+        settings = dict(settings, per_class_margin=True)
+    return MarginSettings(kind, **settings)
 
 
 def check_class_margins(class_margins, num_classes, dtype):
@@ -155,12 +167,7 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     fast as a bound executor on MXNet 1.9.1's unpooled CPU memory.
     """
     num_classes = check_num_classes(num_hidden)
-    if class_margins is not None:
-        if "per_class_margin" not in MarginSettings(kind).values:
-            raise ValueError(f"margin softmax input class_margins: kind {kind!r} takes one margin for every "
-                             f"class (per-class margins: kind 'cosface')")
-        settings = dict(settings, per_class_margin=True)
-    parsed = MarginSettings(kind, **settings)
+    parsed = margin_settings(kind, settings, class_margins is not None, "input")
     backend = resolve_backend(backend)
     name = name or kind
     if isinstance(data, mx.sym.Symbol):

@@ -10,8 +10,8 @@ from mxnet.gluon import HybridBlock
 
 from . import graph
 from .dispatch import (check_batch, check_class_margins, check_inputs, check_num_classes, ldam_margins,
-                       margin_logits, resolve_backend)
-from .kinds import KINDS, SETTINGS, MarginSettings
+                       margin_logits, margin_settings, resolve_backend)
+from .kinds import KINDS, SETTINGS
 
 __all__ = ["trainable_parameters", "MarginDense", "LSoftmaxDense", "SphereFaceDense", "CosFaceDense", "ArcFaceDense",
            "CombinedMarginDense", "LDAMDense"]
@@ -69,12 +69,7 @@ class MarginDense(HybridBlock):
         kind = kind or self.kind or "lsoftmax"
         self._units = check_num_classes(units)
         self._in_units = in_units
-        if class_margins is not None:
-            if "per_class_margin" not in MarginSettings(kind).values:
-                raise ValueError(f"margin softmax parameter class_margins: kind {kind!r} takes one margin "
-                                 f"for every class (per-class margins: kind 'cosface')")
-            settings = dict(settings, per_class_margin=True)
-        self.settings = MarginSettings(kind, **settings)
+        self.settings = margin_settings(kind, settings, class_margins is not None, "parameter")
         self.backend = resolve_backend(backend)
         with self.name_scope():
             self.weight = self.params.get("weight", shape=(units, in_units), dtype=dtype,
@@ -137,10 +132,8 @@ class MarginDense(HybridBlock):
 
     def hybrid_forward(self, F, x, label=None, weight=None, step=None, class_margins=None):
         if F is mx.nd and label is not None:  # not hybridized: the entry point and its cached graph
-            settings = {name: value for name, value in self.settings.as_dict().items()
-                        if name != "per_class_margin"}
             return margin_logits(x, weight, label, self._units, self.settings.kind, backend=self.backend,
-                                 step=step, class_margins=class_margins, **settings)
+                                 step=step, class_margins=class_margins, **self.settings.as_dict())
         return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd",
                            class_margins)
 

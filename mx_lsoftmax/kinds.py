@@ -266,10 +266,6 @@ class MarginSettings:
                 str(value) if isinstance(value, int) else repr(float(value)))
         return attrs
 
-    def with_values(self, **values):
-        """A copy with some values changed, validated like the constructor."""
-        return MarginSettings(self.kind, **{**self.values, **values})
-
     def beta_at(self, step):
         """The blend weight of the training forward number ``step`` (0-based) (D12)."""
         v = self.values

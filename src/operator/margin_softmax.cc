@@ -63,6 +63,12 @@ enum BackwardInput {
 
 int input_count(const Settings& p) { return kNumInputs + (p.per_class_margin != 0.0 ? 1 : 0); }
 
+/*! \brief The optional class_margins input at `index` (forward or backward), or null. */
+template <typename T>
+const T* class_margins_of(const Settings& p, std::vector<MXTensor>* inputs, int index) {
+  return p.per_class_margin != 0.0 ? (*inputs)[index].data<T>() : nullptr;
+}
+
 /*! \brief Index among the backward's inputs of the forward output `output`. */
 int backward_output(const Settings& p, int output) { return kNumOutputs + input_count(p) + output; }
 
@@ -550,7 +556,7 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   const T* data = (*inputs)[kData].data<T>();
   const T* weight = (*inputs)[kWeight].data<T>();
   T* step = (*inputs)[kStep].data<T>();
-  const T* class_margins = p.per_class_margin != 0.0 ? (*inputs)[kClassMargins].data<T>() : nullptr;
+  const T* class_margins = class_margins_of<T>(p, inputs, kClassMargins);
   T* out = (*outputs)[kOutput].data<T>();
   double* data_norm = (*outputs)[kDataNorm].data<double>();
   double* weight_norm = (*outputs)[kWeightNorm].data<double>();
@@ -601,8 +607,7 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   const T* logits = (*inputs)[kBackwardLogits].data<T>();
   const T* data = (*inputs)[kBackwardData].data<T>();
   const T* weight = (*inputs)[kBackwardWeight].data<T>();
-  const T* class_margins =
-      p.per_class_margin != 0.0 ? (*inputs)[kBackwardClassMargins].data<T>() : nullptr;
+  const T* class_margins = class_margins_of<T>(p, inputs, kBackwardClassMargins);
   const T* output = (*inputs)[backward_output(p, kOutput)].data<T>();
   const double* data_norm = (*inputs)[backward_output(p, kDataNorm)].data<double>();
   const double* weight_norm = (*inputs)[backward_output(p, kWeightNorm)].data<double>();
@@ -697,7 +702,7 @@ MXReturnValue forward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   GpuForward<T, L> a{(*inputs)[kLogits].data<T>(), (*inputs)[kData].data<T>(),
                      (*inputs)[kWeight].data<T>(), (*inputs)[kLabel].data<L>(),
                      (*inputs)[kStep].data<T>(),
-                     p.per_class_margin != 0.0 ? (*inputs)[kClassMargins].data<T>() : nullptr,
+                     class_margins_of<T>(p, inputs, kClassMargins),
                      (*outputs)[kOutput].data<T>(),
                      (*outputs)[kBetaUsed].data<T>(), (*outputs)[kDataNorm].data<double>(),
                      (*outputs)[kWeightNorm].data<double>(), s.rows, s.classes, s.dims, p,
@@ -713,8 +718,7 @@ MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* input
   GpuBackward<T, L> a{(*inputs)[kBackwardGradOutput].data<T>(),
                       (*inputs)[kBackwardLogits].data<T>(), (*inputs)[kBackwardData].data<T>(),
                       (*inputs)[kBackwardWeight].data<T>(), (*inputs)[kBackwardLabel].data<L>(),
-                      p.per_class_margin != 0.0 ? (*inputs)[kBackwardClassMargins].data<T>()
-                                                : nullptr,
+                      class_margins_of<T>(p, inputs, kBackwardClassMargins),
                       (*inputs)[backward_output(p, kOutput)].data<T>(),
                       (*inputs)[backward_output(p, kBetaUsed)].data<T>(),
                       (*inputs)[backward_output(p, kDataNorm)].data<double>(),
