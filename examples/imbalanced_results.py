@@ -144,8 +144,8 @@ def resnet_section(arguments):
     argv = common_args(factor, 0, epochs, epochs, arguments) + ["--net", "resnet18"] + \
         [value for value in head if value != "--drw"] + ["--backend", "compiled"]
     summary = mnist_results.run(run_name(label, factor, 0, "resnet18"), argv, arguments)
-    seconds = [sum(counts) / entry["samples_per_sec"] for entry in summary["epochs"]
-               for counts in [summary["train_class_counts"]]]
+    images = sum(summary["train_class_counts"])
+    seconds = [images / entry["samples_per_sec"] for entry in summary["epochs"]]
     return (f"## ResNet-18 (`--net resnet18`)\n\nThe Gluon model zoo's ResNet-18 v1 with its thumbnail stem, "
             f"512-wide embedding, LDAM head, factor 0.01, seed 0, {epochs} epoch(s) without DRW "
             f"(`{' '.join(argv)}`): {min(seconds):.0f} s of training per epoch here "

@@ -220,13 +220,18 @@ def lr_step(epochs):
     return max(1, round(0.7 * epochs))
 
 
+def label_stem(label):
+    """A row label as part of a run's file name: 'cosface (10-class)' -> 'cosface_10-class'."""
+    return label.replace(" ", "_").replace("(", "").replace(")", "")
+
+
 def family_speed(label, head, arguments):
     """Training samples/s of one head: LeNet on MNIST, two epochs of 12800 images (the second
     timed, as benchmark.py's LeNet section), in a run of its own, not while other jobs share
     the cores as the accuracy runs may."""
     argv = ["--epochs", "2", "--train-limit", "12800", "--lr-steps"] + head + \
         ([] if head[1] == "softmax" else ["--backend", "compiled"])
-    summary = run(f"family_speed_{label.replace(' ', '_').replace('(', '').replace(')', '')}", argv, arguments)
+    summary = run(f"family_speed_{label_stem(label)}", argv, arguments)
     return summary["epochs"][-1]["samples_per_sec"]
 
 
@@ -255,7 +260,7 @@ def family_section(arguments):
         for dataset in FAMILY_DATASETS:
             accuracies = []
             for seed in arguments.seeds:
-                name = f"family_{dataset}_{label.replace(' ', '_').replace('(', '').replace(')', '')}_seed{seed}"
+                name = f"family_{dataset}_{label_stem(label)}_seed{seed}"
                 summary = run(name, limited(["--dataset", dataset, "--epochs", str(arguments.family_epochs),
                                              "--lr-steps", str(lr_step(arguments.family_epochs)),
                                              "--seed", str(seed)] + head

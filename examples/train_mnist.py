@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -361,16 +362,11 @@ def check_imbalance(parser, arguments):
         parser.error(f"--few-shot {arguments.few_shot} must be <= --many-shot {arguments.many_shot}")
 
 
-class Prepared:
-    """What a run trains on: the worker's shard of the (long-tailed) training set, the test
-    set, the whole training set's class counts, and the worker's place in the job."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
 def prepare(arguments):
-    """Seeds, data (checked), the long-tailed subset, the kvstore and this worker's shard."""
+    """Seeds, data (checked), the long-tailed subset, the kvstore and this worker's shard.
+
+    Returns a namespace: the worker's shard of the (long-tailed) training set, the test set, the
+    whole training set's class counts, and the worker's place in the job."""
     mx.random.seed(arguments.seed)
     np.random.seed(arguments.seed)
     try:
@@ -406,7 +402,7 @@ def prepare(arguments):
     if arguments.backend == "auto":
         arguments.backend = mx_lsoftmax.resolve_backend("auto")
     # rank 0 alone writes the log, the plot and the checkpoints
-    return Prepared(train_images=train_images, train_labels=train_labels, test_images=test_images,
+    return types.SimpleNamespace(train_images=train_images, train_labels=train_labels, test_images=test_images,
                     test_labels=test_labels, class_counts=class_counts, kvstore=kvstore, rank=rank,
                     num_workers=num_workers, writer=rank == 0,
                     distributed=arguments.kvstore.startswith("dist"))

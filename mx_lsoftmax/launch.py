@@ -112,26 +112,22 @@ def launch(command, workers=2, servers=1, hosts=None, timeout=None, grace=10.0, 
         job.start("scheduler", ROLE_COMMAND, environment("scheduler"))
         for index in range(servers):
             start(f"server {index}", "server", ROLE_COMMAND, index)
-        worker_processes = [start(f"worker {index}", "worker", list(command), index) for index in range(workers)]
-        names = {id(p): name for name, p in job.processes}
+        for index in range(workers):
+            start(f"worker {index}", "worker", list(command), index)
+        worker_processes = [process for _, process in job.processes[-workers:]]
         while True:
-            codes = [p.poll() for p in worker_processes]
-            failed = [(names[id(p)], code) for p, code in zip(worker_processes, codes) if code not in (None, 0)]
-            if failed:
-                name, code = failed[0]
-                log(f"launch: {name} (pid {dict((n, p.pid) for n, p in job.processes)[name]}) stopped with "
-                    f"{_describe(code)}; stopping the other processes (ps-lite would wait for it forever)")
-                return 1
-            if all(code == 0 for code in codes):
+            for name, process in job.processes:
+                code = process.poll()
+                if code not in (None, 0):  # a worker, a server or the scheduler failed
+                    log(f"launch: {name} (pid {process.pid}) stopped with {_describe(code)}; stopping the other "
+                        f"processes (ps-lite would wait for it forever)")
+                    return 1
+            if all(process.poll() == 0 for process in worker_processes):
                 # Scheduler and servers leave once every worker has finalised.
                 deadline = time.monotonic() + grace
                 while time.monotonic() < deadline and any(p.poll() is None for _, p in job.processes):
                     time.sleep(poll)
                 return 0
-            for name, process in job.processes:
-                if process not in worker_processes and process.poll() not in (None, 0):
-                    log(f"launch: {name} stopped with {_describe(process.returncode)}; stopping the job")
-                    return 1
             if timeout is not None and time.monotonic() - started > timeout:
                 log(f"launch: the job ran past --timeout {timeout:g} s; stopping every process")
                 return 124

@@ -48,7 +48,8 @@ def test_two_workers_equal_single_process_training(backend, api, tmp_path):
         assert result["step"].tolist() == [steps]
         if api == "gluon":
             np.testing.assert_allclose(result["betas"], reference["betas"], rtol=1e-12)
-    assert not np.allclose(reference["weight"], np.load(tmp_path / f"{api}-rank0.npz")["weight"] * 0)
+    import lsoftmax_dist_worker as worker  # training moved the weights: the comparison is not vacuous
+    assert np.abs(reference["weight"] - worker.initial_weight()).max() > 1e-3
 
 
 def test_plain_dmlc_variables_keep_working(tmp_path):
