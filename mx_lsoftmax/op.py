@@ -19,8 +19,12 @@ materialised, K6), the normalised kinds add O(N C) element-wise scalings, and
 the target column (K3, K7) is a handful of element-wise ops on length-N
 vectors, evaluated in float64 whatever the data's dtype.
 """
+import ctypes
+
 import mxnet as mx
 import numpy as np
+from mxnet.ndarray._internal import _imperative_invoke
+from mxnet.base import _LIB, OpHandle, c_str, check_call
 
 from . import hooks
 from .hooks import relay_errors
@@ -99,12 +103,13 @@ def target_column(settings, f, norm_x, norm_w, beta, floor, margin=None):
 def row_norms(rows):
     """|v| of every row of a (K, D) array, float64 (K,).
 
-    Sums of squares by batch_dot (BLAS; twice as fast as MXNet's norm here); rows
-    whose sum overflows or underflows the data's dtype are recomputed with
-    MXNet's norm, which scales as BLAS nrm2 does.
+    Sums of squares by one FullyConnected against a ones vector (oneDNN; 2-4 times
+    faster than MXNet's norm or batch_dot here); rows whose sum overflows or underflows
+    the data's dtype are recomputed with MXNet's norm, which scales as BLAS nrm2 does.
     """
     count, dims = rows.shape
-    squares = mx.nd.batch_dot(rows.reshape((count, 1, dims)), rows.reshape((count, dims, 1))).reshape((count,))
+    ones = mx.nd.ones((1, dims), ctx=rows.context, dtype=rows.dtype)
+    squares = mx.nd.FullyConnected(mx.nd.square(rows), ones, no_bias=True, num_hidden=1).reshape((count,))
     host = squares.asnumpy()
     tiny = np.finfo(host.dtype).tiny / np.finfo(host.dtype).eps
     if np.all(np.isfinite(host) & (host > tiny)):  # 0 may be an underflow: a zero row takes the fallback
@@ -124,22 +129,61 @@ def scale_rows(rows, coefficient):
     product with the row, of length |x|, does not: then the product is taken in float64.
     """
     dtype = np.dtype(rows.dtype)
-    host = np.abs(coefficient.asnumpy())
-    nonzero = host[host > 0]
+    values = coefficient.asnumpy()
+    magnitude = np.abs(values)
+    nonzero = magnitude[magnitude > 0]
     info = np.finfo(dtype)
     if nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny):
-        return mx.nd.broadcast_mul(rows, coefficient.astype(dtype).reshape((-1, 1)))
+        # diag(coefficient) . rows as a sparse product: one rounded product per entry, as
+        # broadcast_mul gives, at 1.6 times its speed over a (C, D) weight here.
+        count = rows.shape[0]
+        diagonal = mx.nd.sparse.csr_matrix(
+            (values.astype(dtype), np.arange(count), np.arange(count + 1)),
+            shape=(count, count), ctx=rows.context, dtype=dtype)
+        return mx.nd.sparse.dot(diagonal, rows)
     return scale_rows_exact(rows, coefficient)
 
 
-def row_sums(matrix):
-    """sum over axis 1 of a (N, C) array by a BLAS product (MXNet's sum reduces slowly)."""
-    return mx.nd.dot(matrix, mx.nd.ones((matrix.shape[1], 1), ctx=matrix.context, dtype=matrix.dtype)).reshape((-1,))
+_FULLY_CONNECTED_BACKWARD = []
 
 
-def column_sums(matrix):
-    """sum over axis 0 of a (N, C) array by a BLAS product."""
-    return mx.nd.dot(mx.nd.ones((1, matrix.shape[0]), ctx=matrix.context, dtype=matrix.dtype), matrix).reshape((-1,))
+def fully_connected_backward(grad_output, data, weight, grad_data, grad_weight):
+    """grad_data = G W and grad_weight = G^T X (N x C by C x D, C x N by N x D), written in place.
+
+    Runs MXNet's own ``_backward_FullyConnected``, the kernel the compiled backend's graph and
+    FullyConnected itself use (oneDNN's inner-product backward in the pip wheel): ``dot`` and
+    ``linalg.gemm2`` go to the wheel's generic BLAS, 3-6 times slower than oneDNN on some
+    processors (docs/performance.md). A backward operator has no shape inference, so it is
+    invoked by handle with its outputs allocated, as an executor invokes it.
+    """
+    if not _FULLY_CONNECTED_BACKWARD:
+        handle = OpHandle()
+        check_call(_LIB.NNGetOpHandle(c_str("_backward_FullyConnected"), ctypes.byref(handle)))
+        _FULLY_CONNECTED_BACKWARD.append(handle.value)
+    _imperative_invoke(_FULLY_CONNECTED_BACKWARD[0], [grad_output, data, weight],
+                       ["no_bias", "num_hidden"], ["True", str(weight.shape[0])],
+                       [grad_data, grad_weight], False, "default")
+
+
+def row_and_column_sums(matrix):
+    """Sums over axis 1 (N,) and over axis 0 (C,) of a (N, C) array, in one pass.
+
+    FullyConnected's backward with ones for data and weight computes exactly
+    matrix . 1 and matrix^T . 1 (oneDNN; MXNet's sum and BLAS gemv are 4 times slower).
+    """
+    rows, columns = matrix.shape
+    context, dtype = matrix.context, matrix.dtype
+    sums = [mx.nd.empty((rows, 1), ctx=context, dtype=dtype), mx.nd.empty((columns, 1), ctx=context, dtype=dtype)]
+    fully_connected_backward(matrix, mx.nd.ones((rows, 1), ctx=context, dtype=dtype),
+                             mx.nd.ones((columns, 1), ctx=context, dtype=dtype), *sums)
+    return sums[0].reshape((-1,)), sums[1].reshape((-1,))
+
+
+def outer_product(column, row):
+    """column[i] * row[j] as an (len(column), len(row)) array: FullyConnected with one input
+    unit, one rounded product per entry (broadcast_mul is 3-5 times slower here)."""
+    return mx.nd.FullyConnected(column.reshape((-1, 1)), row.reshape((-1, 1)), no_bias=True,
+                                num_hidden=row.shape[0])
 
 
 def sum_by_class(values, host_labels, context):
@@ -192,8 +236,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
             # multiplications over (N, C) cost 2-3 times a plain element-wise one.
-            saved["factors"] = mx.nd.broadcast_mul(rho.astype(dtype).reshape((-1, 1)),
-                                                   kappa.astype(dtype).reshape((1, -1)))
+            saved["factors"] = outer_product(rho.astype(dtype), kappa.astype(dtype))
             mx.nd.elemwise_mul(logits, saved["factors"], out=logits)
         if is_train:
             target = saved["target"]
@@ -265,14 +308,13 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             weighted = mx.nd.elemwise_mul(grad_output, out_data[0])  # G_ij o_ij: S_i and T_j of (K8)
         else:
             product_grad = grad_output
-        # linalg.gemm2 calls BLAS gemm with the transposes as flags, as FullyConnected's backward
-        # does; mx.nd.dot takes another route that is ~40% slower for these shapes here.
-        mx.nd.linalg.gemm2(product_grad, weight, out=grad_data)
-        mx.nd.linalg.gemm2(product_grad, data, transpose_a=True, out=grad_weight)
+        fully_connected_backward(product_grad, data, weight, grad_data, grad_weight)
 
+        if saved["normalised"]:
+            weighted_row_sums, weighted_column_sums = row_and_column_sums(weighted)  # S_i, T_j
         along_x = g * target["p"] if target is not None else mx.nd.zeros_like(saved["norm_x"])
         if saved["normalised"] and row.normalise_features:
-            along_x = along_x - row_sums(weighted).astype("float64") * _inverse_or_zero(saved["norm_x"])
+            along_x = along_x - weighted_row_sums.astype("float64") * _inverse_or_zero(saved["norm_x"])
         if target is not None or row.normalise_features:
             grad_data += scale_rows_exact(data, along_x * _inverse_or_zero(saved["norm_x"]))
         if target is not None:
@@ -282,7 +324,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             coefficient_w = mx.nd.zeros_like(saved["norm_all_w"])
             if row.normalise_weights:
                 inverse_w = _inverse_or_zero(saved["norm_all_w"])
-                coefficient_w = -column_sums(weighted).astype("float64") * inverse_w * inverse_w
+                coefficient_w = -weighted_column_sums.astype("float64") * inverse_w * inverse_w
             if target is not None:
                 classes, per_class = sum_by_class(per_sample_q.expand_dims(1), target["host_labels"],
                                                   data.context)
