@@ -100,8 +100,9 @@ def target_column(settings, f, norm_x, norm_w, beta, floor, margin=None):
     )
 
 
-def row_norms(rows):
-    """|v| of every row of a (K, D) array, float64 (K,).
+def row_norms(rows, scratch=None):
+    """|v| of every row of a (K, D) array, float64 (K,); ``scratch``, if given, a (K, D)
+    array of the rows' dtype to hold the squares.
 
     Sums of squares by one FullyConnected against a ones vector (oneDNN; 2-4 times
     faster than MXNet's norm or batch_dot here); rows whose sum overflows or underflows
@@ -109,7 +110,8 @@ def row_norms(rows):
     """
     count, dims = rows.shape
     ones = mx.nd.ones((1, dims), ctx=rows.context, dtype=rows.dtype)
-    squares = mx.nd.FullyConnected(mx.nd.square(rows), ones, no_bias=True, num_hidden=1).reshape((count,))
+    squared = mx.nd.square(rows, out=scratch) if scratch is not None else mx.nd.square(rows)
+    squares = mx.nd.FullyConnected(squared, ones, no_bias=True, num_hidden=1).reshape((count,))
     host = squares.asnumpy()
     tiny = np.finfo(host.dtype).tiny / np.finfo(host.dtype).eps
     if np.all(np.isfinite(host) & (host > tiny)):  # 0 may be an underflow: a zero row takes the fallback
@@ -122,10 +124,18 @@ def scale_rows_exact(rows, coefficient):
     return mx.nd.broadcast_mul(rows.astype("float64"), coefficient.reshape((-1, 1))).astype(rows.dtype)
 
 
-def scale_rows(rows, coefficient):
-    """coefficient[r] * rows[r] in the rows' dtype, (K, D).
+# MXNet 1.9.1 refuses any array, sparse ones included, whose shape has 2^31 or more
+# entries: a (K, K) diagonal must stay below that.
+DIAGONAL_BLOCK = 32768
 
-    A coefficient such as P_i / |x_i| can leave float32 (|x| = 1e-22 gives 6e45) while its
+
+def add_scaled_rows(accumulator, rows, coefficient, scratch=None):
+    """accumulator[r] += coefficient[r] * rows[r] for (K, D) arrays, in place; ``scratch``,
+    if given, a (K, D) array of the rows' dtype for the products.
+
+    In the rows' dtype, as diagonal-block sparse products (one rounded product per entry,
+    as broadcast_mul gives, at 1.6 times its speed over a (C, D) weight here). A
+    coefficient such as P_i / |x_i| can leave float32 (|x| = 1e-22 gives 6e45) while its
     product with the row, of length |x|, does not: then the product is taken in float64.
     """
     dtype = np.dtype(rows.dtype)
@@ -133,15 +143,23 @@ def scale_rows(rows, coefficient):
     magnitude = np.abs(values)
     nonzero = magnitude[magnitude > 0]
     info = np.finfo(dtype)
-    if nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny):
-        # diag(coefficient) . rows as a sparse product: one rounded product per entry, as
-        # broadcast_mul gives, at 1.6 times its speed over a (C, D) weight here.
-        count = rows.shape[0]
+    if not (nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny)):
+        accumulator += scale_rows_exact(rows, coefficient)
+        return
+    count = rows.shape[0]
+    for first in range(0, count, DIAGONAL_BLOCK):
+        size = min(DIAGONAL_BLOCK, count - first)
         diagonal = mx.nd.sparse.csr_matrix(
-            (values.astype(dtype), np.arange(count), np.arange(count + 1)),
-            shape=(count, count), ctx=rows.context, dtype=dtype)
-        return mx.nd.sparse.dot(diagonal, rows)
-    return scale_rows_exact(rows, coefficient)
+            (values[first:first + size].astype(dtype), np.arange(size), np.arange(size + 1)),
+            shape=(size, size), ctx=rows.context, dtype=dtype)
+        # A slice along the first axis is a view, written through by `out` (`+=` on a
+        # slice would copy the block back onto itself).
+        block = accumulator[first:first + size]
+        if scratch is None:
+            product = mx.nd.sparse.dot(diagonal, rows[first:first + size])
+        else:
+            product = mx.nd.sparse.dot(diagonal, rows[first:first + size], out=scratch[first:first + size])
+        mx.nd.elemwise_add(block, product, out=block)
 
 
 _FULLY_CONNECTED_BACKWARD = []
@@ -179,11 +197,11 @@ def row_and_column_sums(matrix):
     return sums[0].reshape((-1,)), sums[1].reshape((-1,))
 
 
-def outer_product(column, row):
+def outer_product(column, row, out=None):
     """column[i] * row[j] as an (len(column), len(row)) array: FullyConnected with one input
     unit, one rounded product per entry (broadcast_mul is 3-5 times slower here)."""
     return mx.nd.FullyConnected(column.reshape((-1, 1)), row.reshape((-1, 1)), no_bias=True,
-                                num_hidden=row.shape[0])
+                                num_hidden=row.shape[0], out=out)
 
 
 def sum_by_class(values, host_labels, context):
@@ -212,6 +230,22 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         # (None after an inference forward): MXNet runs a forward and its
         # backward on the same instance in every mode.
         self.saved = None
+        self.buffers = {}
+
+    def scratch(self, name, shape, like):
+        """An (N, C) or (C, D) work array kept by this instance across calls.
+
+        A fresh CPU array costs its page faults on first touch, as much again as the
+        operation writing it (MXNet 1.9.1 does not pool CPU memory). A bound graph keeps
+        its op instance, so its calls reuse these; the engine orders every use of a
+        buffer in the order the calls pushed them, so a call cannot overwrite what an
+        earlier one has yet to read.
+        """
+        buffer = self.buffers.get(name)
+        if (buffer is None or buffer.shape != tuple(shape) or buffer.dtype != like.dtype
+                or buffer.context != like.context):
+            buffer = self.buffers[name] = mx.nd.empty(shape, like.context, like.dtype)
+        return buffer
 
     @relay_errors
     def forward(self, is_train, req, in_data, out_data, aux):
@@ -228,7 +262,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             # (N, D) is small: MXNet's scaled norm, without row_norms' host check (a sync).
             saved["norm_x"] = mx.nd.norm(data, axis=1).astype("float64")
         if normalised:
-            saved["norm_all_w"] = row_norms(weight)
+            saved["norm_all_w"] = row_norms(weight, self.scratch("weight_sized", weight.shape, weight))
         if is_train:
             class_margins = in_data[3] if self.settings.values.get("per_class_margin") else None
             saved["target"] = self._target(data, weight, label, logits, aux[0], saved, class_margins)
@@ -236,7 +270,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
             # multiplications over (N, C) cost 2-3 times a plain element-wise one.
-            saved["factors"] = outer_product(rho.astype(dtype), kappa.astype(dtype))
+            saved["factors"] = outer_product(rho.astype(dtype), kappa.astype(dtype),
+                                             out=self.scratch("factors", logits.shape, logits))
             mx.nd.elemwise_mul(logits, saved["factors"], out=logits)
         if is_train:
             target = saved["target"]
@@ -302,10 +337,12 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         if saved["normalised"]:
             # Same-shape (N, C) products by elemwise_mul: `*` dispatches to broadcast_mul,
             # 2-3 times slower over arrays this size.
-            product_grad = mx.nd.elemwise_mul(grad_output, saved["factors"])
+            product_grad = mx.nd.elemwise_mul(grad_output, saved["factors"],
+                                              out=self.scratch("product_grad", grad_output.shape, grad_output))
             if target is not None:
                 product_grad[target["rows"], target["label_index"]] = (g * target["d_f"]).astype(dtype)
-            weighted = mx.nd.elemwise_mul(grad_output, out_data[0])  # G_ij o_ij: S_i and T_j of (K8)
+            weighted = mx.nd.elemwise_mul(grad_output, out_data[0],  # G_ij o_ij: S_i and T_j of (K8)
+                                          out=self.scratch("weighted", grad_output.shape, grad_output))
         else:
             product_grad = grad_output
         fully_connected_backward(product_grad, data, weight, grad_data, grad_weight)
@@ -329,7 +366,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
                 classes, per_class = sum_by_class(per_sample_q.expand_dims(1), target["host_labels"],
                                                   data.context)
                 coefficient_w[classes] = mx.nd.take(coefficient_w, classes) + per_class.reshape((-1,))
-            grad_weight += scale_rows(weight, coefficient_w)
+            add_scaled_rows(grad_weight, weight, coefficient_w,
+                            self.scratch("weight_sized", weight.shape, weight))
         elif target is not None:
             through_f = g * (target["d_f"] - 1)
             grad_data += scale_rows_exact(target["w_y"], through_f)

@@ -355,3 +355,19 @@ def test_bare_custom_symbol_trains_in_module_with_a_standard_initializer(kind):
     assert module.get_params()[1]["head_step"].asscalar() == 4  # 4 batches from 0
     with pytest.raises(ValueError, match="Unknown initialization pattern"):  # other names as before
         mx.init.Xavier()(mx.init.InitDesc("mystery"), mx.nd.zeros((2,)))
+
+
+@pytest.mark.parametrize("kind", ["sphereface", "cosface"])
+def test_python_op_past_the_diagonal_block_size_matches_spec(kind):
+    """The Python op scales the weight rows by diagonal sparse blocks, which MXNet allows only
+    below 2^31 entries each: C = 50000 classes spans two blocks and must match the spec."""
+    from mx_lsoftmax import op
+    classes = op.DIAGONAL_BLOCK + 17232
+    kind_name, settings = case_settings({"sphereface": "sphereface-m4", "cosface": "cosface"}[kind], 0.0)
+    rng = np.random.default_rng(5)
+    data, weight = rng.standard_normal((3, 2)), rng.standard_normal((classes, 2))
+    label = np.array([0, op.DIAGONAL_BLOCK + 3, classes - 1], dtype=np.float64)
+    grad = rng.standard_normal((3, classes))
+    result = run_layer("python", kind_name, settings, data, weight, label, grad)
+    for got, want in zip(result, expected(kind_name, settings, data, weight, label, grad)):
+        np.testing.assert_allclose(got, want, **TOLERANCE["float64"])
