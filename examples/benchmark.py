@@ -40,6 +40,7 @@ from mxnet import autograd
 import mx_lsoftmax
 from mx_lsoftmax.support.cli import non_negative_float, positive_float, positive_int
 from mx_lsoftmax.support.cli import shape as shape_argument
+from mx_lsoftmax.support import environment
 from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, KernelHarness
 from mx_lsoftmax.support.data import resolve_directory
 
@@ -566,7 +567,7 @@ gradient, the kernels' buffers, and MXNet itself).
         raw["gpu"] = results
         sections.append(f"## GPU: the CUDA kernels against cuBLAS\n\n{text}\n")
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, MXNet {mx.__version__}, "
+    machine = (f"{environment.processor()} ({platform.machine()}), {os.cpu_count()} cores, MXNet {mx.__version__}, "
                f"Python {platform.python_version()}")
     document = (f"# Benchmarks\n\n- Machine: {machine}\n- Date: {datetime.date.today().isoformat()}\n"
                 f"- Command: `{command}`\n\n" + "\n".join(sections))

@@ -28,6 +28,7 @@ import mx_lsoftmax
 from mx_lsoftmax.support.cli import (DefaultsFormatter, check_margin_settings, non_negative_float, non_negative_int,
                                      positive_float, positive_int)
 from mx_lsoftmax.kinds import KINDS, SCHEDULE, SETTINGS
+from mx_lsoftmax.support import environment
 from mx_lsoftmax.support.data import DATASETS, DataError, load_dataset
 from mx_lsoftmax.support.imbalance import (PROFILES, drw_class_weights, long_tailed_counts,
                                            long_tailed_indices, shot_groups)
@@ -166,27 +167,6 @@ def head_title(arguments):
     shown = [f"{name if name != 'margin' else 'm'}={getattr(arguments, name):g}"
              for name in ("s", "margin", "m1", "m2", "m3") if name in EXAMPLE_DEFAULTS[arguments.loss]]
     return f"{row.title} {' '.join(shown)}"
-
-
-def machine():
-    """What the run's numbers depend on besides the code: processor, threads, MXNet and its settings.
-
-    MXNet's CPU kernels (oneDNN) pick code paths by processor and thread count, so a run is
-    repeatable on one machine and differs in the last digits across machines.
-    """
-    import platform
-    model = None
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"processor": model or platform.processor(), "machine": platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "mxnet": mx.__version__, "numpy": np.__version__,
-            "environment": {name: os.environ.get(name) for name in
-                            ("OMP_NUM_THREADS", "MXNET_ENFORCE_DETERMINISM", "MXNET_CPU_WORKER_NTHREADS",
-                             "MXNET_ENGINE_TYPE")},
-            "mx_lsoftmax_backend_library": mx_lsoftmax.library.load()}
 
 
 def code_version():
@@ -516,7 +496,7 @@ def summarize(arguments, prepared, test_accuracy, per_class, samples_per_second,
                    group_accuracy=group_accuracy,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
                    final_beta=final_beta, settings={k: v for k, v in vars(arguments).items()},
-                   code_version=code_version(), machine=machine(), num_workers=prepared.num_workers, epochs=log)
+                   code_version=code_version(), machine=environment.machine(mx_lsoftmax.library.load()), num_workers=prepared.num_workers, epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)
     if arguments.json and prepared.writer:
         os.makedirs(os.path.dirname(os.path.abspath(arguments.json)), exist_ok=True)

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from mx_lsoftmax.support import cuda_harness
+from mx_lsoftmax.support import cuda_harness, environment
 
 from conftest import load_example
 
@@ -28,6 +28,8 @@ def test_layer_and_gpu_sections_on_a_tiny_shape(tmp_path):
         for backend in ("python", "compiled"):
             assert result["ratio"][backend] == pytest.approx(result["ms"][backend] / result["ms"]["softmax"])
     text = markdown.read_text()
+    # Ratios move with the processor: the document names it.
+    assert f"- Machine: {environment.processor()} (" in text
     for mode in ("bound", "imperative", "hybridized"):
         assert f"| 16x8x5 | float64 | {mode} |" in text
     assert "## GPU: the CUDA kernels against cuBLAS" in text

@@ -132,3 +132,12 @@ def test_real_fashion_mnist_when_present():
     mnist_dir = os.environ.get("MNIST_DIR")
     if mnist_dir and os.path.isdir(mnist_dir):
         assert not np.array_equal(load_mnist(mnist_dir, download=False)["train"][0][:10], loaded["train"][0][:10])
+
+
+def test_environment_names_the_processor_and_settings(monkeypatch):
+    from mx_lsoftmax.support import environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    described = environment.machine("/lib/x.so")
+    assert described["processor"] == environment.processor() and described["processor"]
+    assert described["environment"]["OMP_NUM_THREADS"] == "2"
+    assert described["mx_lsoftmax_backend_library"] == "/lib/x.so" and described["mxnet"] == "1.9.1"
