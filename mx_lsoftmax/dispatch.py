@@ -1,6 +1,6 @@
 """The entry points: ``margin_logits`` (every kind) and ``lsoftmax``, dispatching between backends.
 
-backend='python'   the CustomOp ``MarginSoftmax`` (products by MXNet's dot/FullyConnected
+backend='python'   the CustomOp ``MarginSoftmax`` (products by MXNet's FullyConnected and its backward
                    inside the op, target column by NDArray element-wise ops);
 backend='compiled' FullyConnected composed with the library op ``margin_softmax_target``
                    (the products stay in MXNet's FullyConnected, the library op fuses

@@ -14,7 +14,7 @@ moving averages, so the schedule advances in all three modes and is saved
 with the parameters.
 
 All heavy work stays in MXNet's engine: the three (N x D) by (D x C) products
-are ``FullyConnected``/``dot`` calls on the raw inputs (nothing normalised is
+are ``FullyConnected`` and its backward on the raw inputs (nothing normalised is
 materialised, K6), the normalised kinds add O(N C) element-wise scalings, and
 the target column (K3, K7) is a handful of element-wise ops on length-N
 vectors, evaluated in float64 whatever the data's dtype.
