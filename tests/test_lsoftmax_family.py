@@ -371,3 +371,28 @@ def test_python_op_past_the_diagonal_block_size_matches_spec(kind):
     result = run_layer("python", kind_name, settings, data, weight, label, grad)
     for got, want in zip(result, expected(kind_name, settings, data, weight, label, grad)):
         np.testing.assert_allclose(got, want, **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("case", ["arcface", "sphereface-m4"])
+def test_python_op_in_a_bound_graph_reuses_its_work_arrays_correctly(case):
+    """A bound graph keeps its op instance and with it the Python op's (N, C) and (C, D)
+    work arrays: every call must still give the spec's values for its own inputs."""
+    kind, settings = case_settings(case, 0.0)
+    data_var, weight_var, label_var = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
+    graph = mx_lsoftmax.margin_logits(data_var, weight_var, label_var, 5, kind, backend="python", **settings)
+    executor = graph.simple_bind(mx.cpu(), data=(6, 4), weight=(5, 4), label=(6,), type_dict={
+        "data": "float64", "weight": "float64", "label": "float64"}, grad_req={
+        "data": "write", "weight": "write", "label": "null"})
+    for seed in (1, 2, 3):
+        data, weight, label = kind_inputs(kind, settings, 6, 4, 5, seed=seed)
+        grad = np.random.default_rng(seed).standard_normal((6, 5))
+        executor.arg_dict["data"][:] = data
+        executor.arg_dict["weight"][:] = weight
+        executor.arg_dict["label"][:] = label
+        executor.aux_dict[graph.list_auxiliary_states()[0]][:] = 0
+        executor.forward(is_train=True)
+        executor.backward([mx.nd.array(grad, dtype="float64")])
+        got = (executor.outputs[0].asnumpy(), executor.grad_dict["data"].asnumpy(),
+               executor.grad_dict["weight"].asnumpy())
+        for value, want in zip(got, expected(kind, settings, data, weight, label, grad)):
+            np.testing.assert_allclose(value, want, **TOLERANCE["float64"])
