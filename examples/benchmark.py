@@ -296,11 +296,15 @@ def measure(shape, dtype, mode, backends, rounds, settings):
             "peak_memory_mb": peak_memory_mb()}
 
 
-def profile(shape, dtype, mode, backend, settings, calls=5):
-    """MXNet's aggregate operator profile of ``calls`` forward+backward calls (text table)."""
+def profile(shape, dtype, mode, backend, settings, calls=5, kind=None):
+    """MXNet's aggregate operator profile of ``calls`` forward+backward calls (text table):
+    the layer table's ``mode`` runner, or with ``kind`` that kind's bound graph at its defaults."""
     rows, dims, classes = shape
     arrays = random_arrays(shape, dtype)
-    run = RUNNERS[mode](backend, rows, dims, classes, dtype, arrays, settings)
+    if kind is None:
+        run = RUNNERS[mode](backend, rows, dims, classes, dtype, arrays, settings)
+    else:
+        run = kind_runner(kind, backend, rows, dims, classes, dtype, arrays)
     run()
     run()
     mx.profiler.set_config(profile_all=True, aggregate_stats=True, filename=os.devnull)
@@ -464,7 +468,11 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     parser.add_argument("--profile", metavar="PATH",
                         help="instead of timing: write MXNet's operator profile of 5 calls per backend and "
-                             "mode at the first --shapes shape and --dtypes dtype to PATH")
+                             "mode at the first --shapes shape and --dtypes dtype to PATH (set "
+                             "MXNET_EXEC_BULK_EXEC_TRAIN=0 to see bound graphs operator by operator)")
+    parser.add_argument("--profile-kind", choices=list(mx_lsoftmax.KINDS),
+                        help="with --profile: profile this kind's bound graph at its defaults (the kinds "
+                             "section's graph) instead of the layer table's runners; --modes is then unused")
     arguments = parser.parse_args(argv)
 
     shapes = arguments.shapes or SHAPES
@@ -474,10 +482,14 @@ def main(argv=None):
     if arguments.profile:
         with open(arguments.profile, "w") as handle:
             handle.write(f"Command: {command}\n")
-            for mode in arguments.modes:
+            modes = ["bound"] if arguments.profile_kind else arguments.modes
+            for mode in modes:
                 for backend in ["softmax"] + backends:
-                    handle.write(f"\n== {'x'.join(map(str, shapes[0]))} {arguments.dtypes[0]} {mode} {backend}, "
-                                 f"5 calls\n{profile(shapes[0], arguments.dtypes[0], mode, backend, settings)}")
+                    what = f"{arguments.profile_kind} {backend}" if arguments.profile_kind else backend
+                    operators = profile(shapes[0], arguments.dtypes[0], mode, backend, settings,
+                                        kind=arguments.profile_kind)
+                    handle.write(f"\n== {'x'.join(map(str, shapes[0]))} {arguments.dtypes[0]} {mode} {what}, "
+                                 f"5 calls\n{operators}")
         print(f"wrote {arguments.profile}")
         return {"command": command, "profile": arguments.profile}
     sections, raw = [], {"command": command}

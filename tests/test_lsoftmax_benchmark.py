@@ -89,6 +89,16 @@ def test_profile_names_the_library_op(tmp_path):
     assert "margin_softmax_target" in compiled_part and "FullyConnected" in compiled_part
 
 
+def test_profile_of_a_kind_names_its_python_op(tmp_path):
+    path = tmp_path / "profile.txt"
+    load_example("benchmark").main(["--profile", str(path), "--profile-kind", "arcface", "--shapes", "16x8x5",
+                                    "--dtypes", "float32", "--backends", "python"])
+    text = path.read_text()
+    assert "== 16x8x5 float32 bound arcface softmax, 5 calls" in text
+    python_part = text.split("bound arcface python, 5 calls")[1]
+    assert "MarginSoftmax" in python_part and "_backward_FullyConnected" in python_part
+
+
 @pytest.mark.parametrize("kind", ["cosface", "arcface", "combined"])
 def test_stock_operator_baseline_equals_the_layer(kind):
     """The benchmark's insightface-style graph is an independent implementation: its forward
