@@ -496,7 +496,8 @@ def summarize(arguments, prepared, test_accuracy, per_class, samples_per_second,
                    group_accuracy=group_accuracy,
                    train_samples_per_sec=float(np.median(samples_per_second)) if samples_per_second else None,
                    final_beta=final_beta, settings={k: v for k, v in vars(arguments).items()},
-                   code_version=code_version(), machine=environment.machine(mx_lsoftmax.library.load()), num_workers=prepared.num_workers, epochs=log)
+                   code_version=code_version(), machine=environment.machine(mx_lsoftmax.library.load()),
+                   num_workers=prepared.num_workers, epochs=log)
     print(f"test accuracy {test_accuracy:.4f}", flush=True)
     if arguments.json and prepared.writer:
         os.makedirs(os.path.dirname(os.path.abspath(arguments.json)), exist_ok=True)

@@ -110,8 +110,8 @@ def row_norms(rows, scratch=None):
     """
     count, dims = rows.shape
     ones = mx.nd.ones((1, dims), ctx=rows.context, dtype=rows.dtype)
-    squared = mx.nd.square(rows, out=scratch) if scratch is not None else mx.nd.square(rows)
-    squares = mx.nd.FullyConnected(squared, ones, no_bias=True, num_hidden=1).reshape((count,))
+    squares = mx.nd.FullyConnected(mx.nd.square(rows, out=scratch), ones, no_bias=True,
+                                   num_hidden=1).reshape((count,))
     host = squares.asnumpy()
     tiny = np.finfo(host.dtype).tiny / np.finfo(host.dtype).eps
     if np.all(np.isfinite(host) & (host > tiny)):  # 0 may be an underflow: a zero row takes the fallback
@@ -155,10 +155,8 @@ def add_scaled_rows(accumulator, rows, coefficient, scratch=None):
         # A slice along the first axis is a view, written through by `out` (`+=` on a
         # slice would copy the block back onto itself).
         block = accumulator[first:first + size]
-        if scratch is None:
-            product = mx.nd.sparse.dot(diagonal, rows[first:first + size])
-        else:
-            product = mx.nd.sparse.dot(diagonal, rows[first:first + size], out=scratch[first:first + size])
+        product = mx.nd.sparse.dot(diagonal, rows[first:first + size],
+                                   out=None if scratch is None else scratch[first:first + size])
         mx.nd.elemwise_add(block, product, out=block)
 
 

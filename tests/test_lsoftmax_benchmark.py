@@ -78,11 +78,16 @@ def test_harness_names_the_missing_library(monkeypatch, tmp_path):
     assert raised.value.gpu_present and missing in str(raised.value)
 
 
-def test_profile_names_the_library_op(tmp_path):
+def profile_text(tmp_path, *arguments):
+    """The --profile file of examples/benchmark.py at 16x8x5 float32 with these further arguments."""
     path = tmp_path / "profile.txt"
     load_example("benchmark").main(["--profile", str(path), "--shapes", "16x8x5", "--dtypes", "float32",
-                                    "--modes", "bound", "--backends", "compiled"])
-    text = path.read_text()
+                                    *arguments])
+    return path.read_text()
+
+
+def test_profile_names_the_library_op(tmp_path):
+    text = profile_text(tmp_path, "--modes", "bound", "--backends", "compiled")
     assert "== 16x8x5 float32 bound softmax, 5 calls" in text
     assert "== 16x8x5 float32 bound compiled, 5 calls" in text
     compiled_part = text.split("bound compiled, 5 calls")[1]
@@ -90,10 +95,7 @@ def test_profile_names_the_library_op(tmp_path):
 
 
 def test_profile_of_a_kind_names_its_python_op(tmp_path):
-    path = tmp_path / "profile.txt"
-    load_example("benchmark").main(["--profile", str(path), "--profile-kind", "arcface", "--shapes", "16x8x5",
-                                    "--dtypes", "float32", "--backends", "python"])
-    text = path.read_text()
+    text = profile_text(tmp_path, "--profile-kind", "arcface", "--backends", "python")
     assert "== 16x8x5 float32 bound arcface softmax, 5 calls" in text
     python_part = text.split("bound arcface python, 5 calls")[1]
     assert "MarginSoftmax" in python_part and "_backward_FullyConnected" in python_part
