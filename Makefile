@@ -35,6 +35,7 @@ export MNIST_DIR FASHION_MNIST_DIR
 # threads (oneDNN's reductions depend on it) and MXNet's deterministic kernels.
 # Runs still differ in the last digits between processor models (docs in README).
 RUN_THREADS   ?= 2
+CORES         ?= $(shell nproc)
 RUN_ENV        = OMP_NUM_THREADS=$(RUN_THREADS) MXNET_ENFORCE_DETERMINISM=1
 
 .PHONY: all cuda install test demo bench results imbalanced clean
@@ -76,8 +77,10 @@ demo: install
 	$(RUN_ENV) $(PYTHON) examples/train_mnist.py --embed-dim 2 --margin 4 --beta 100 --scale 0.99 \
 	    --epochs 5 --plot build/demo_features.png --json build/demo.json
 
+# The second run gives FullyConnected every core: MXNet's default takes half (docs/performance.md).
 bench: install
 	$(PYTHON) examples/benchmark.py --parts layer kinds lenet gpu scale --write docs/benchmarks.md
+	OMP_NUM_THREADS=$(CORES) $(PYTHON) examples/benchmark.py --parts kinds --write docs/benchmarks_all_cores.md
 
 results: install
 	$(RUN_ENV) $(PYTHON) examples/mnist_results.py --epochs 20 --seeds 0 1 --figure-epochs 5 \

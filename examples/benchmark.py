@@ -478,7 +478,9 @@ def main(argv=None):
     shapes = arguments.shapes or SHAPES
     backends = arguments.backends or (["python", "compiled"] if mx_lsoftmax.library.is_loaded() else ["python"])
     settings = dict(margin=arguments.margin, beta=arguments.beta)
-    command = "python examples/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # The thread count moves every figure (docs/performance.md, "Threads"): say it when set.
+    threads_setting = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads_setting + "python examples/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if arguments.profile:
         with open(arguments.profile, "w") as handle:
             handle.write(f"Command: {command}\n")
@@ -579,7 +581,9 @@ gradient, the kernels' buffers, and MXNet itself).
         raw["gpu"] = results
         sections.append(f"## GPU: the CUDA kernels against cuBLAS\n\n{text}\n")
 
-    machine = (f"{environment.processor()} ({platform.machine()}), {os.cpu_count()} cores, MXNet {mx.__version__}, "
+    threads = environment.operator_threads()
+    machine = (f"{environment.processor()} ({platform.machine()}), {os.cpu_count()} cores, MXNet {mx.__version__} "
+               f"(operators on {threads if threads else 'an unknown number of'} OpenMP threads), "
                f"Python {platform.python_version()}")
     document = (f"# Benchmarks\n\n- Machine: {machine}\n- Date: {datetime.date.today().isoformat()}\n"
                 f"- Command: `{command}`\n\n" + "\n".join(sections))

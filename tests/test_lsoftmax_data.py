@@ -1,7 +1,10 @@
 """The IDX loader: good files in every spelling, bad files named, offline message."""
 import gzip
 import os
+import platform
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -141,3 +144,23 @@ def test_environment_names_the_processor_and_settings(monkeypatch):
     assert described["processor"] == environment.processor() and described["processor"]
     assert described["environment"]["OMP_NUM_THREADS"] == "2"
     assert described["mx_lsoftmax_backend_library"] == "/lib/x.so" and described["mxnet"] == "1.9.1"
+    assert described["operator_threads"] == environment.operator_threads()
+
+
+# MXNet 1.9.1's default on x86: half the processors (it assumes two hardware threads per core).
+MXNET_DEFAULT_THREADS = max(1, (os.cpu_count() or 1) // (2 if platform.machine() in ("x86_64", "AMD64") else 1))
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({}, MXNET_DEFAULT_THREADS),
+    ({"OMP_NUM_THREADS": "3"}, 3),
+])
+def test_operator_threads_reads_what_mxnet_set(setting, expected):
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")}
+    environment.update(setting)
+    printed = subprocess.run(
+        [sys.executable, "-c", "import mxnet; from mx_lsoftmax.support import environment; "
+                               "print(environment.operator_threads())"],
+        env=environment, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert printed == str(expected)
