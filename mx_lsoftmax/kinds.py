@@ -3,7 +3,7 @@
 ``SETTINGS`` is the field table (name, type, range, description: MXNet's
 ``DMLC_DECLARE_FIELD`` habit); ``KINDS`` is the table of kinds (what each
 normalises, which settings it takes with which defaults, and its target
-function psi on NDArrays, used by the Python CustomOp). ``MarginSettings`` is
+function psi on host arrays, used by the Python CustomOp). ``MarginSettings`` is
 one validated set of values for one kind, with the beta schedule (D12).
 The compiled op mirrors both tables in ``src/operator/margin_softmax-inl.h``.
 
@@ -14,7 +14,6 @@ Equation numbers refer to ``docs/derivatives.md``.
 import math
 from dataclasses import dataclass, field
 
-import mxnet as mx
 import numpy as np
 
 __all__ = ["Setting", "Kind", "SETTINGS", "SCHEDULE", "KINDS", "MarginSettings", "beta_at",
@@ -82,16 +81,18 @@ def angle_floor(dtype):
     return float(np.sqrt(np.finfo(np.dtype(dtype)).eps))
 
 
-# ---- psi and psi' on NDArrays of cosines c (float64, shape (N,)) (D4, D5, K5) ----
+# ---- psi and psi' on float64 NumPy arrays of cosines c, shape (N,) (D4, D5, K5) ----
+# Host arithmetic: the target column is a few dozen operations on N numbers, which as
+# NDArray operations would cost the Python op a dispatch each (docs/performance.md).
 
 def _psi_chebyshev(c, values, floor):
     margin = int(values["margin"])
-    k = mx.nd.zeros_like(c)
+    k = np.zeros_like(c)
     for j in range(1, margin):  # (D2): k from the thresholds, no arccos
-        k = k + (c < math.cos(j * math.pi / margin))
-    sign = 1 - 2 * mx.nd.round(k - 2 * mx.nd.floor(k / 2))  # (-1)^k
-    t_previous, t_current = mx.nd.ones_like(c), c  # T_0, T_1 (D3)
-    u_previous, u_current = mx.nd.zeros_like(c), mx.nd.ones_like(c)  # U_{-1}, U_0 (D5)
+        k += c < math.cos(j * math.pi / margin)
+    sign = 1 - 2 * np.mod(k, 2)  # (-1)^k
+    t_previous, t_current = np.ones_like(c), c  # T_0, T_1 (D3)
+    u_previous, u_current = np.zeros_like(c), np.ones_like(c)  # U_{-1}, U_0 (D5)
     for _ in range(margin - 1):
         t_previous, t_current = t_current, 2 * c * t_current - t_previous
         u_previous, u_current = u_current, 2 * c * u_current - u_previous
@@ -99,11 +100,11 @@ def _psi_chebyshev(c, values, floor):
 
 
 def _psi_cosface(c, values, floor):
-    return c - values["margin"], mx.nd.ones_like(c)
+    return c - values["margin"], np.ones_like(c)
 
 
 def _sine(c):
-    return mx.nd.sqrt(mx.nd.maximum(1 - c * c, 0))
+    return np.sqrt(np.maximum(1 - c * c, 0))
 
 
 def _psi_arcface(c, values, floor):
@@ -111,19 +112,18 @@ def _psi_arcface(c, values, floor):
     sine = _sine(c)
     shifted_psi = c * math.cos(m) - sine * math.sin(m)  # cos(theta + m)
     # -d cos(theta + m)/dtheta / max(sin theta, delta) (K5)
-    shifted_derivative = (sine * math.cos(m) + c * math.sin(m)) / mx.nd.maximum(sine, floor)
+    shifted_derivative = (sine * math.cos(m) + c * math.sin(m)) / np.maximum(sine, floor)
     if values["easy_margin"]:
         shifted, other = c > 0, c
     else:
         shifted, other = c > -math.cos(m), c - m * math.sin(m)  # theta < pi - m, else the guard
-    return (mx.nd.where(shifted, shifted_psi, other),
-            mx.nd.where(shifted, shifted_derivative, mx.nd.ones_like(c)))
+    return np.where(shifted, shifted_psi, other), np.where(shifted, shifted_derivative, 1.0)
 
 
 def _psi_combined(c, values, floor):
     m1, m2, m3 = values["m1"], values["m2"], values["m3"]
-    angle = m1 * mx.nd.arccos(c) + m2
-    return mx.nd.cos(angle) - m3, m1 * mx.nd.sin(angle) / mx.nd.maximum(_sine(c), floor)
+    angle = m1 * np.arccos(c) + m2
+    return np.cos(angle) - m3, m1 * np.sin(angle) / np.maximum(_sine(c), floor)
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Kind:
     defaults:           the settings it takes besides the schedule, with their defaults, and
                         any schedule default of its own.
     integer_margin:     psi is the integer-m multiple-angle form (D4).
-    psi:                (c, values, angle floor) -> (psi, psi'), NDArrays.
+    psi:                (c, values, angle floor) -> (psi, psi'), float64 NumPy arrays.
     """
 
     name: str

@@ -15,9 +15,11 @@ with the parameters.
 
 All heavy work stays in MXNet's engine: the three (N x D) by (D x C) products
 are ``FullyConnected`` and its backward on the raw inputs (nothing normalised is
-materialised, K6), the normalised kinds add O(N C) element-wise scalings, and
-the target column (K3, K7) is a handful of element-wise ops on length-N
-vectors, evaluated in float64 whatever the data's dtype.
+materialised, K6), and the normalised kinds add O(N C) element-wise scalings.
+The per-row and per-class numbers (norms, the target column (K3, K7), the
+coefficients of (K8)) are length-N and length-C vectors computed on the host in
+NumPy, in float64 whatever the data's dtype: as NDArray operations each of their
+few dozen steps would cost a dispatch, which is most of this op's fixed cost per call.
 """
 import ctypes
 
@@ -50,78 +52,101 @@ def check_labels(label, num_classes):
 
 def _inverse_or_zero(values, numerator=1.0):
     """numerator / values where values > 0, else 0 (K9): no division by zero is formed."""
-    positive = values > 0
-    return mx.nd.where(positive, numerator / mx.nd.where(positive, values, mx.nd.ones_like(values)),
-                       mx.nd.zeros_like(values))
+    values = np.asarray(values, dtype=np.float64)
+    return np.divide(numerator, values, out=np.zeros_like(values), where=values > 0)
 
 
 def scale_factors(settings, norm_x, norm_w):
-    """rho = s / |x| (or 1) and kappa = 1 / |w| (or 1) of (K1), 0 for zero rows (K9)."""
+    """rho = s / |x| (or 1) and kappa = 1 / |w| (or 1) of (K1), 0 for zero rows (K9); host float64."""
     row = settings.row
-    rho = _inverse_or_zero(norm_x, settings.values.get("s", 1.0)) if row.normalise_features else mx.nd.ones_like(norm_x)
-    kappa = _inverse_or_zero(norm_w) if row.normalise_weights else mx.nd.ones_like(norm_w)
+    rho = _inverse_or_zero(norm_x, settings.values.get("s", 1.0)) if row.normalise_features else np.ones_like(norm_x)
+    kappa = _inverse_or_zero(norm_w) if row.normalise_weights else np.ones_like(norm_w)
     return rho, kappa
 
 
 def target_column(settings, f, norm_x, norm_w, beta, floor, margin=None):
-    """The target logit and its partials, float64 NDArrays of shape (N,) (K3, K7, K9).
+    """The target logit and its partials, float64 host arrays of shape (N,) (K3, K7, K9).
 
-    f = x . w_y (raw), norm_x = |x|, norm_w = |w_y|; ``margin`` (N,) float64, the
-    margin of each row's class where the kind takes per-class margins (K10), else None
-    (the settings' margin). Returns a dict with
-    o (the training target), d_f = do/df, d_norm_x = do/d|x|, d_norm_w = do/d|w_y|;
-    degenerate rows (|x| |w_y| = 0) keep the plain logit z of the kind and its partials.
+    f = x . w_y (raw), norm_x = |x|, norm_w = |w_y|; ``margin`` (N,), the margin of
+    each row's class where the kind takes per-class margins (K10), else None (the
+    settings' margin). Returns a dict with o (the training target), d_f = do/df,
+    d_norm_x = do/d|x|, d_norm_w = do/d|w_y|; degenerate rows (|x| |w_y| = 0) keep
+    the plain logit z of the kind and its partials.
     """
     row = settings.row
     rho, kappa = scale_factors(settings, norm_x, norm_w)
+    inverse_x, inverse_w = _inverse_or_zero(norm_x), _inverse_or_zero(norm_w)
     product = norm_x * norm_w
     regular = product > 0
     # f / |x| / |w_y| rather than f / (|x| |w_y|): the product of two float64 norms can overflow.
-    c = mx.nd.clip(f * _inverse_or_zero(norm_x) * _inverse_or_zero(norm_w), -1.0, 1.0)
+    c = np.clip(f * inverse_x * inverse_w, -1.0, 1.0)
     values = settings.values if margin is None else dict(settings.values, margin=margin)
     psi, psi_prime = row.psi(c, values, floor)
     z = rho * kappa * f
     radius = rho * kappa * product  # r of (K1)
     blend = 1.0 / (1.0 + beta)
-    inverse_x, inverse_w = _inverse_or_zero(norm_x), _inverse_or_zero(norm_w)
-    d_z_norm_x = -z * inverse_x if row.normalise_features else mx.nd.zeros_like(z)
-    d_z_norm_w = -z * inverse_w if row.normalise_weights else mx.nd.zeros_like(z)
+    d_z_norm_x = -z * inverse_x if row.normalise_features else np.zeros_like(z)
+    d_z_norm_w = -z * inverse_w if row.normalise_weights else np.zeros_like(z)
     radius_has_x = 0.0 if row.normalise_features else 1.0
     radius_has_w = 0.0 if row.normalise_weights else 1.0
-    o = (beta * z + radius * psi) * blend
-    d_f = rho * kappa * (beta + psi_prime) * blend
-    d_norm_x = (beta * d_z_norm_x + radius * inverse_x * (radius_has_x * psi - c * psi_prime)) * blend
-    d_norm_w = (beta * d_z_norm_w + radius * inverse_w * (radius_has_w * psi - c * psi_prime)) * blend
+    # Degenerate rows can make these inf * 0 = NaN; np.where then keeps the plain values.
+    with np.errstate(invalid="ignore", over="ignore"):
+        o = (beta * z + radius * psi) * blend
+        d_f = rho * kappa * (beta + psi_prime) * blend
+        d_norm_x = (beta * d_z_norm_x + radius * inverse_x * (radius_has_x * psi - c * psi_prime)) * blend
+        d_norm_w = (beta * d_z_norm_w + radius * inverse_w * (radius_has_w * psi - c * psi_prime)) * blend
     return dict(
-        o=mx.nd.where(regular, o, z),
-        d_f=mx.nd.where(regular, d_f, rho * kappa),
-        d_norm_x=mx.nd.where(regular, d_norm_x, d_z_norm_x),
-        d_norm_w=mx.nd.where(regular, d_norm_w, d_z_norm_w),
+        o=np.where(regular, o, z),
+        d_f=np.where(regular, d_f, rho * kappa),
+        d_norm_x=np.where(regular, d_norm_x, d_z_norm_x),
+        d_norm_w=np.where(regular, d_norm_w, d_z_norm_w),
     )
 
 
-def row_norms(rows, scratch=None):
-    """|v| of every row of a (K, D) array, float64 (K,); ``scratch``, if given, a (K, D)
-    array of the rows' dtype to hold the squares.
+# Arrays up to this many entries have their row norms taken on the host: one copy and
+# NumPy beat MXNet's per-operation cost here (docs/performance.md).
+HOST_NORM_ENTRIES = 1 << 20
 
-    Sums of squares by one FullyConnected against a ones vector (oneDNN; 2-4 times
-    faster than MXNet's norm or batch_dot here); rows whose sum overflows or underflows
-    the data's dtype are recomputed with MXNet's norm, which scales as BLAS nrm2 does.
+
+def row_norms(rows, scratch=None):
+    """|v| of every row of a (K, D) array, a float64 host array (K,); ``scratch``, if given,
+    a (K, D) array of the rows' dtype to hold the squares.
+
+    Small arrays (the (N, D) data): sums of squares on the host in float64. Large ones (a
+    (C, D) weight): one FullyConnected against a ones vector (oneDNN; 2-4 times faster than
+    MXNet's norm or batch_dot here). Rows whose sum overflows or underflows are recomputed
+    with MXNet's norm, which scales as BLAS nrm2 does.
     """
     count, dims = rows.shape
-    ones = mx.nd.ones((1, dims), ctx=rows.context, dtype=rows.dtype)
-    squares = mx.nd.FullyConnected(mx.nd.square(rows, out=scratch), ones, no_bias=True,
-                                   num_hidden=1).reshape((count,))
-    host = squares.asnumpy()
+    if rows.size <= HOST_NORM_ENTRIES:
+        values = rows.asnumpy().astype(np.float64)
+        host = np.einsum("ij,ij->i", values, values)
+    else:
+        ones = mx.nd.ones((1, dims), ctx=rows.context, dtype=rows.dtype)
+        host = mx.nd.FullyConnected(mx.nd.square(rows, out=scratch), ones, no_bias=True,
+                                    num_hidden=1).reshape((count,)).asnumpy()
     tiny = np.finfo(host.dtype).tiny / np.finfo(host.dtype).eps
     if np.all(np.isfinite(host) & (host > tiny)):  # 0 may be an underflow: a zero row takes the fallback
-        return mx.nd.sqrt(squares.astype("float64"))
-    return mx.nd.norm(rows, axis=1).astype("float64")
+        return np.sqrt(host.astype(np.float64))
+    return mx.nd.norm(rows, axis=1).astype("float64").asnumpy()
+
+
+def set_target_column(matrix, target_index, values):
+    """matrix[i, y_i] = values[i] in place, for a (N, C) NDArray, ``target_index`` the (2, N)
+    int64 NDArray of (i, y_i) and ``values`` a host array (N,).
+
+    MXNet's scatter directly: NDArray's advanced-index assignment wraps the same operator
+    in about 2 ms of Python index handling per call on this machine (0.1 ms this way).
+    """
+    mx.nd._internal._scatter_set_nd(lhs=matrix, rhs=mx.nd.array(values, ctx=matrix.context, dtype=matrix.dtype),
+                                    indices=target_index, shape=matrix.shape, out=matrix)
 
 
 def scale_rows_exact(rows, coefficient):
-    """coefficient[r] * rows[r] taken in float64, for (N, D)-sized arrays: no host check."""
-    return mx.nd.broadcast_mul(rows.astype("float64"), coefficient.reshape((-1, 1))).astype(rows.dtype)
+    """coefficient[r] * rows[r] taken in float64 and rounded once to the rows' dtype, for
+    (N, D)-sized arrays; ``coefficient`` a host array: no range check."""
+    column = mx.nd.array(np.asarray(coefficient).reshape((-1, 1)), ctx=rows.context, dtype="float64")
+    return mx.nd.broadcast_mul(rows.astype("float64"), column).astype(rows.dtype)
 
 
 # MXNet 1.9.1 refuses any array, sparse ones included, whose shape has 2^31 or more
@@ -130,8 +155,9 @@ DIAGONAL_BLOCK = 32768
 
 
 def add_scaled_rows(accumulator, rows, coefficient, scratch=None):
-    """accumulator[r] += coefficient[r] * rows[r] for (K, D) arrays, in place; ``scratch``,
-    if given, a (K, D) array of the rows' dtype for the products.
+    """accumulator[r] += coefficient[r] * rows[r] for (K, D) arrays, in place; ``coefficient``
+    a float64 host array (K,); ``scratch``, if given, a (K, D) array of the rows' dtype for
+    the products.
 
     In the rows' dtype, as diagonal-block sparse products (one rounded product per entry,
     as broadcast_mul gives, at 1.6 times its speed over a (C, D) weight here). A
@@ -139,7 +165,7 @@ def add_scaled_rows(accumulator, rows, coefficient, scratch=None):
     product with the row, of length |x|, does not: then the product is taken in float64.
     """
     dtype = np.dtype(rows.dtype)
-    values = coefficient.asnumpy()
+    values = np.asarray(coefficient, dtype=np.float64)
     magnitude = np.abs(values)
     nonzero = magnitude[magnitude > 0]
     info = np.finfo(dtype)
@@ -202,21 +228,18 @@ def outer_product(column, row, out=None):
                                 num_hidden=row.shape[0], out=out)
 
 
-def sum_by_class(values, host_labels, context):
-    """Per-class sums of the rows of ``values`` (N, K): (class indices (U,), sums (U, K)).
+def sum_by_class(values, host_labels):
+    """Per-class sums of the rows of a host array ``values`` (N, K): (class indices (U,),
+    sums (U, K)), each class's rows added in sample order.
 
-    A CSR (U x N) product touches only each sample's own class, so a non-finite
-    row reaches its own class's sum and no other (a dense one-hot product would
-    spread 0 * inf = NaN to every class).
+    Each sum touches only its own class's rows, so a non-finite row reaches its own
+    class's sum and no other (a dense one-hot product would spread 0 * inf = NaN to
+    every class).
     """
     classes, position = np.unique(host_labels, return_inverse=True)
     order = np.argsort(position, kind="stable")
-    pointers = np.concatenate([[0], np.cumsum(np.bincount(position, minlength=len(classes)))])
-    membership = mx.nd.sparse.csr_matrix(
-        (np.ones(len(order), dtype=values.dtype), order, pointers),
-        shape=(len(classes), values.shape[0]), ctx=context, dtype=values.dtype)
-    return (mx.nd.array(classes, ctx=context, dtype="int64"),
-            mx.nd.sparse.dot(membership, values))
+    starts = np.searchsorted(position[order], np.arange(len(classes)))
+    return classes, np.add.reduceat(values[order], starts, axis=0)
 
 
 class MarginSoftmaxOp(mx.operator.CustomOp):
@@ -249,16 +272,15 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
     def forward(self, is_train, req, in_data, out_data, aux):
         data, weight, label = in_data[:3]
         row = self.settings.row
-        dtype = data.dtype
+        dtype, context = data.dtype, data.context
         # Write the product straight into the output when allowed: a (N, C)
         # copy costs as much as the whole target-column step.
-        logits = out_data[0] if req[0] == "write" else mx.nd.empty(out_data[0].shape, data.context, dtype)
+        logits = out_data[0] if req[0] == "write" else mx.nd.empty(out_data[0].shape, context, dtype)
         mx.nd.FullyConnected(data, weight, no_bias=True, num_hidden=self.num_classes, out=logits)
         normalised = row.normalise_features or row.normalise_weights
         saved = dict(normalised=normalised, target=None)
         if normalised or is_train:
-            # (N, D) is small: MXNet's scaled norm, without row_norms' host check (a sync).
-            saved["norm_x"] = mx.nd.norm(data, axis=1).astype("float64")
+            saved["norm_x"] = row_norms(data)
         if normalised:
             saved["norm_all_w"] = row_norms(weight, self.scratch("weight_sized", weight.shape, weight))
         if is_train:
@@ -268,12 +290,13 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
             # multiplications over (N, C) cost 2-3 times a plain element-wise one.
-            saved["factors"] = outer_product(rho.astype(dtype), kappa.astype(dtype),
+            saved["factors"] = outer_product(mx.nd.array(rho, ctx=context, dtype=dtype),
+                                             mx.nd.array(kappa, ctx=context, dtype=dtype),
                                              out=self.scratch("factors", logits.shape, logits))
             mx.nd.elemwise_mul(logits, saved["factors"], out=logits)
         if is_train:
             target = saved["target"]
-            logits[target["rows"], target["label_index"]] = target["o"].astype(dtype)
+            set_target_column(logits, target["index"], target["o"])
         self.saved = saved
         if req[0] != "write":
             self.assign(out_data[0], req[0], logits)
@@ -282,20 +305,23 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         """The training target column (K3) and the per-row coefficients of (K8).
 
         Reads the raw target products from ``logits`` before they are scaled,
-        advances ``step``; everything returned is float64 of shape (N,).
+        advances ``step``; the numbers returned are float64 host arrays of shape (N,).
         """
         row = self.settings.row
         host_labels = check_labels(label, self.num_classes)
         t = float(step.asscalar())
         beta = self.settings.beta_at(t)
         label_index = label.astype("int64")
-        w_y = mx.nd.take(weight, label_index, axis=0)
-        f = mx.nd.pick(logits, label_index, axis=1).astype("float64")
+        f = mx.nd.pick(logits, label_index, axis=1).astype("float64").asnumpy()
         norm_x = saved["norm_x"]
-        norm_w = (mx.nd.take(saved["norm_all_w"], label_index) if saved["normalised"]
-                  else mx.nd.norm(w_y, axis=1).astype("float64"))
+        w_y = None
+        if saved["normalised"]:
+            norm_w = saved["norm_all_w"][host_labels]
+        else:
+            w_y = mx.nd.take(weight, label_index, axis=0)
+            norm_w = row_norms(w_y)
         margin = (None if class_margins is None
-                  else mx.nd.take(class_margins, label_index).astype("float64"))
+                  else mx.nd.take(class_margins, label_index).astype("float64").asnumpy())
         column = target_column(self.settings, f, norm_x, norm_w, beta, angle_floor(data.dtype), margin)
         step[:] = t + 1
         # MXNet waits for the outputs of a CustomOp, not for its auxiliary
@@ -310,8 +336,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             p = p + column["o"] * _inverse_or_zero(norm_x)
         if row.normalise_weights:
             q = q + column["o"] * _inverse_or_zero(norm_w)
-        return dict(host_labels=host_labels, label_index=label_index, w_y=w_y, norm_w=norm_w,
-                    rows=mx.nd.arange(data.shape[0], dtype="int64", ctx=data.context),
+        index = mx.nd.array(np.stack([np.arange(len(host_labels)), host_labels]), ctx=data.context, dtype="int64")
+        return dict(host_labels=host_labels, label_index=label_index, index=index, w_y=w_y, norm_w=norm_w,
                     o=column["o"], d_f=column["d_f"], p=p, q=q)
 
     @relay_errors
@@ -324,57 +350,62 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         A backward after an inference forward differentiates the plain logits.
         """
         data, weight, label = in_data[:3]
-        dtype = data.dtype
+        dtype, context = data.dtype, data.context
         grad_output = out_grad[0]
-        grad_data = in_grad[0] if req[0] == "write" else mx.nd.empty(data.shape, data.context, dtype)
-        grad_weight = in_grad[1] if req[1] == "write" else mx.nd.empty(weight.shape, data.context, dtype)
+        grad_data = in_grad[0] if req[0] == "write" else mx.nd.empty(data.shape, context, dtype)
+        grad_weight = in_grad[1] if req[1] == "write" else mx.nd.empty(weight.shape, context, dtype)
         saved, row = self.saved, self.settings.row
         target = saved["target"]
         if target is not None:
-            g = mx.nd.pick(grad_output, target["label_index"], axis=1).astype("float64")
+            g = mx.nd.pick(grad_output, target["label_index"], axis=1).astype("float64").asnumpy()
         if saved["normalised"]:
             # Same-shape (N, C) products by elemwise_mul: `*` dispatches to broadcast_mul,
             # 2-3 times slower over arrays this size.
             product_grad = mx.nd.elemwise_mul(grad_output, saved["factors"],
                                               out=self.scratch("product_grad", grad_output.shape, grad_output))
             if target is not None:
-                product_grad[target["rows"], target["label_index"]] = (g * target["d_f"]).astype(dtype)
+                set_target_column(product_grad, target["index"], g * target["d_f"])
             weighted = mx.nd.elemwise_mul(grad_output, out_data[0],  # G_ij o_ij: S_i and T_j of (K8)
                                           out=self.scratch("weighted", grad_output.shape, grad_output))
+            weighted_row_sums, weighted_column_sums = row_and_column_sums(weighted)  # S_i, T_j
         else:
             product_grad = grad_output
         fully_connected_backward(product_grad, data, weight, grad_data, grad_weight)
 
-        if saved["normalised"]:
-            weighted_row_sums, weighted_column_sums = row_and_column_sums(weighted)  # S_i, T_j
-        along_x = g * target["p"] if target is not None else mx.nd.zeros_like(saved["norm_x"])
+        inverse_x = _inverse_or_zero(saved["norm_x"])
+        along_x = g * target["p"] if target is not None else np.zeros_like(saved["norm_x"])
         if saved["normalised"] and row.normalise_features:
-            along_x = along_x - weighted_row_sums.astype("float64") * _inverse_or_zero(saved["norm_x"])
-        if target is not None or row.normalise_features:
-            grad_data += scale_rows_exact(data, along_x * _inverse_or_zero(saved["norm_x"]))
+            along_x = along_x - weighted_row_sums.asnumpy().astype(np.float64) * inverse_x
         if target is not None:
             per_sample_q = g * target["q"] * _inverse_or_zero(target["norm_w"])  # g q_i / |w_y|
+        if saved["normalised"] and (target is not None or row.normalise_features):
+            grad_data += scale_rows_exact(data, along_x * inverse_x)
         if saved["normalised"]:
             # Q_j / b_j for every class: -T_j / b_j^2 plus the target terms of its samples.
-            coefficient_w = mx.nd.zeros_like(saved["norm_all_w"])
+            coefficient_w = np.zeros_like(saved["norm_all_w"])
             if row.normalise_weights:
                 inverse_w = _inverse_or_zero(saved["norm_all_w"])
-                coefficient_w = -weighted_column_sums.astype("float64") * inverse_w * inverse_w
+                coefficient_w = -weighted_column_sums.asnumpy().astype(np.float64) * inverse_w * inverse_w
             if target is not None:
-                classes, per_class = sum_by_class(per_sample_q.expand_dims(1), target["host_labels"],
-                                                  data.context)
-                coefficient_w[classes] = mx.nd.take(coefficient_w, classes) + per_class.reshape((-1,))
+                # Per-class sums touch only each sample's own class: a non-finite row
+                # reaches its own class and no other.
+                coefficient_w += np.bincount(target["host_labels"], weights=per_sample_q,
+                                             minlength=self.num_classes)
             add_scaled_rows(grad_weight, weight, coefficient_w,
                             self.scratch("weight_sized", weight.shape, weight))
         elif target is not None:
+            # O(N D) on the host in float64 (two (N, D) arrays: rows of data and of
+            # w_y): q / |w_y| and |x| can be 1e-40 and 1e20 apart in float32.
             through_f = g * (target["d_f"] - 1)
-            grad_data += scale_rows_exact(target["w_y"], through_f)
-            # O(N D) in float64: q / |w_y| and |x| can be 1e-40 and 1e20 apart in float32.
-            row_updates = (mx.nd.broadcast_mul(data.astype("float64"), through_f.reshape((-1, 1))) +
-                           mx.nd.broadcast_mul(target["w_y"].astype("float64"), per_sample_q.reshape((-1, 1))))
-            classes, per_class = sum_by_class(row_updates, target["host_labels"], data.context)
-            per_class = per_class.astype(dtype)
-            grad_weight[classes] = mx.nd.take(grad_weight, classes) + per_class
+            host_data = data.asnumpy().astype(np.float64)
+            host_w_y = target["w_y"].asnumpy().astype(np.float64)
+            grad_data += mx.nd.array(host_data * (along_x * inverse_x)[:, None] + host_w_y * through_f[:, None],
+                                     ctx=context, dtype=dtype)
+            row_updates = host_data * through_f[:, None] + host_w_y * per_sample_q[:, None]
+            classes, per_class = sum_by_class(row_updates, target["host_labels"])
+            classes = mx.nd.array(classes, ctx=context, dtype="int64")
+            grad_weight[classes] = mx.nd.take(grad_weight, classes) + mx.nd.array(per_class, ctx=context,
+                                                                                  dtype=dtype)
         if req[0] != "write":
             self.assign(in_grad[0], req[0], grad_data)
         if req[1] != "write":
