@@ -103,9 +103,10 @@ def target_column(settings, f, norm_x, norm_w, beta, floor, margin=None):
     )
 
 
-# Arrays up to this many entries have their row norms taken on the host: one copy and
-# NumPy beat MXNet's per-operation cost here (docs/performance.md).
-HOST_NORM_ENTRIES = 1 << 20
+# Row-wise work on arrays up to this many entries (the (N, D) data, small weights) runs on
+# the host: one copy and NumPy beat MXNet's cost per operation (about 0.1-0.2 ms here,
+# docs/performance.md); larger arrays stay in MXNet's engine.
+HOST_ENTRIES = 1 << 20
 
 
 def row_norms(rows, scratch=None):
@@ -118,7 +119,7 @@ def row_norms(rows, scratch=None):
     with MXNet's norm, which scales as BLAS nrm2 does.
     """
     count, dims = rows.shape
-    if rows.size <= HOST_NORM_ENTRIES:
+    if rows.size <= HOST_ENTRIES:
         values = rows.asnumpy().astype(np.float64)
         host = np.einsum("ij,ij->i", values, values)
     else:
@@ -145,7 +146,10 @@ def set_target_column(matrix, target_index, values):
 def scale_rows_exact(rows, coefficient):
     """coefficient[r] * rows[r] taken in float64 and rounded once to the rows' dtype, for
     (N, D)-sized arrays; ``coefficient`` a host array: no range check."""
-    column = mx.nd.array(np.asarray(coefficient).reshape((-1, 1)), ctx=rows.context, dtype="float64")
+    coefficient = np.asarray(coefficient, dtype=np.float64).reshape((-1, 1))
+    if rows.size <= HOST_ENTRIES:
+        return mx.nd.array(rows.asnumpy().astype(np.float64) * coefficient, ctx=rows.context, dtype=rows.dtype)
+    column = mx.nd.array(coefficient, ctx=rows.context, dtype="float64")
     return mx.nd.broadcast_mul(rows.astype("float64"), column).astype(rows.dtype)
 
 
@@ -159,7 +163,8 @@ def add_scaled_rows(accumulator, rows, coefficient, scratch=None):
     a float64 host array (K,); ``scratch``, if given, a (K, D) array of the rows' dtype for
     the products.
 
-    In the rows' dtype, as diagonal-block sparse products (one rounded product per entry,
+    Arrays of up to HOST_ENTRIES entries: the products on the host in float64. Larger ones:
+    in the rows' dtype, as diagonal-block sparse products (one rounded product per entry,
     as broadcast_mul gives, at 1.6 times its speed over a (C, D) weight here). A
     coefficient such as P_i / |x_i| can leave float32 (|x| = 1e-22 gives 6e45) while its
     product with the row, of length |x|, does not: then the product is taken in float64.
@@ -169,7 +174,8 @@ def add_scaled_rows(accumulator, rows, coefficient, scratch=None):
     magnitude = np.abs(values)
     nonzero = magnitude[magnitude > 0]
     info = np.finfo(dtype)
-    if not (nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny)):
+    in_range = nonzero.size == 0 or (nonzero.max() < info.max and nonzero.min() >= info.tiny)
+    if rows.size <= HOST_ENTRIES or not in_range:
         accumulator += scale_rows_exact(rows, coefficient)
         return
     count = rows.shape[0]

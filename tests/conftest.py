@@ -28,6 +28,10 @@ KIND_CASES = {
 }
 DTYPES = ("float32", "float64")
 ALL_BACKENDS = ("python", "compiled")
+# The Python op takes its row-wise steps on the host for small arrays and in MXNet's engine
+# for large ones (mx_lsoftmax.op.HOST_ENTRIES). "python-engine" is the Python op with every
+# array taken as large: modules that set BOTH_PYTHON_ROUTES = True test both routes.
+BACKENDS_WITH_ROUTES = ("python", "python-engine", "compiled")
 
 # Agreement with the float64 spec: the operators take other routes (Chebyshev
 # recurrence, chain rule through the norms), so float64 agrees to rounding.
@@ -43,12 +47,26 @@ NUMERIC_GRADIENT_SCALED = dict(numeric_eps=1e-6, rtol=1e-5, atol=1e-6)
 def compiled_available():
     return mx_lsoftmax.library.is_loaded()
 
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request):
+def pytest_generate_tests(metafunc):
+    """The backend matrix: every test taking ``backend`` runs for each (a test that
+    parametrizes ``backend`` itself keeps its own list)."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    if any(marker.args and marker.args[0] == "backend" for marker in metafunc.definition.iter_markers("parametrize")):
+        return
+    routes = BACKENDS_WITH_ROUTES if getattr(metafunc.module, "BOTH_PYTHON_ROUTES", False) else ALL_BACKENDS
+    metafunc.parametrize("backend", routes, indirect=True)
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
     if request.param == "compiled" and not compiled_available():
         if os.environ.get("CI"):
             pytest.fail("the compiled library is not built in CI: `make` must run before pytest")
         pytest.skip("the compiled library is not built (run `make`)")
+    if request.param == "python-engine":
+        monkeypatch.setattr(mx_lsoftmax.op, "HOST_ENTRIES", 0)
+        return "python"
     return request.param
 
 @pytest.fixture(params=DTYPES)

@@ -14,6 +14,9 @@ from mx_lsoftmax import gluon as blocks
 from conftest import (BETAS, KIND_CASES, NUMERIC_GRADIENT_SCALED, TOLERANCE, kind_inputs, nd,
                       numeric_gradient)
 
+# Both routes of the Python op (host and engine) in every backend-parametrized test.
+BOTH_PYTHON_ROUTES = True
+
 SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 
 
@@ -357,10 +360,12 @@ def test_bare_custom_symbol_trains_in_module_with_a_standard_initializer(kind):
 
 
 @pytest.mark.parametrize("case", ["sphereface-m4", "cosface"])
-def test_python_op_past_the_diagonal_block_size_matches_spec(case):
-    """The Python op scales the weight rows by diagonal sparse blocks, which MXNet allows only
-    below 2^31 entries each: C = 50000 classes spans two blocks and must match the spec."""
+def test_python_op_past_the_diagonal_block_size_matches_spec(case, monkeypatch):
+    """The Python op scales a large weight's rows by diagonal sparse blocks, which MXNet
+    allows only below 2^31 entries each: C = 50000 classes spans two blocks and must match
+    the spec."""
     from mx_lsoftmax import op
+    monkeypatch.setattr(op, "HOST_ENTRIES", 0)  # the engine route at a test size
     classes = op.DIAGONAL_BLOCK + 17232
     kind, settings = case_settings(case, 0.0)
     rng = np.random.default_rng(5)
@@ -373,9 +378,10 @@ def test_python_op_past_the_diagonal_block_size_matches_spec(case):
 
 
 @pytest.mark.parametrize("case", ["arcface", "sphereface-m4"])
-def test_python_op_in_a_bound_graph_reuses_its_work_arrays_correctly(case):
+def test_python_op_in_a_bound_graph_reuses_its_work_arrays_correctly(case, monkeypatch):
     """A bound graph keeps its op instance and with it the Python op's (N, C) and (C, D)
     work arrays: every call must still give the spec's values for its own inputs."""
+    monkeypatch.setattr(mx_lsoftmax.op, "HOST_ENTRIES", 0)  # the (C, D) work arrays are the engine route's
     kind, settings = case_settings(case, 0.0)
     data_var, weight_var, label_var = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
     graph = mx_lsoftmax.margin_logits(data_var, weight_var, label_var, 5, kind, backend="python", **settings)

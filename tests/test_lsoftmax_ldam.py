@@ -11,6 +11,9 @@ from mx_lsoftmax.gluon import CosFaceDense, LDAMDense
 
 from conftest import NUMERIC_GRADIENT_SCALED, TOLERANCE, kind_inputs, nd, numeric_gradient
 
+# Both routes of the Python op (host and engine) in every backend-parametrized test.
+BOTH_PYTHON_ROUTES = True
+
 CLASSES = 5
 MARGINS = np.array([0.5, 0.0, 0.35, 0.1, 0.25])  # a zero margin and distinct ones
 SCALE = 30.0

@@ -12,6 +12,9 @@ from mx_lsoftmax import spec
 from conftest import (BETAS, MARGINS, NUMERIC_GRADIENT, TOLERANCE, angle_clear_inputs, nd,
                       numeric_gradient)
 
+# Both routes of the Python op (host and engine) in every backend-parametrized test.
+BOTH_PYTHON_ROUTES = True
+
 
 def run_layer(backend, data, weight, label, margin, beta, grad_output, **schedule):
     """One training forward + backward through the entry point; returns (out, d data, d weight)."""
