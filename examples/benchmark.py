@@ -583,7 +583,7 @@ gradient, the kernels' buffers, and MXNet itself).
 
     threads = environment.operator_threads()
     machine = (f"{environment.processor()} ({platform.machine()}), {os.cpu_count()} cores, MXNet {mx.__version__} "
-               f"(operators on {threads if threads else 'an unknown number of'} OpenMP threads), "
+               f"(operators on {threads or 'an unknown number of'} OpenMP thread{'' if threads == 1 else 's'}), "
                f"Python {platform.python_version()}")
     document = (f"# Benchmarks\n\n- Machine: {machine}\n- Date: {datetime.date.today().isoformat()}\n"
                 f"- Command: `{command}`\n\n" + "\n".join(sections))
