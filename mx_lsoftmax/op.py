@@ -407,8 +407,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             add_scaled_rows(grad_weight, weight, coefficient_w,
                             self.scratch("weight_sized", weight.shape, weight))
         elif target is not None:
-            # O(N D) on the host in float64 (two (N, D) arrays: rows of data and of
-            # w_y): q / |w_y| and |x| can be 1e-40 and 1e20 apart in float32.
+            # O(N D) on the host in float64 whatever N D (small next to the O(N C D)
+            # products): q / |w_y| and |x| can be 1e-40 and 1e20 apart in float32.
             through_f = g * (target["d_f"] - 1)
             host_data = data.asnumpy().astype(np.float64)
             host_w_y = target["w_y"].asnumpy().astype(np.float64)
