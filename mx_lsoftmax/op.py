@@ -142,13 +142,14 @@ def to_ndarray(values, context, dtype):
 
 def scatter_set(array, index, values):
     """array[index[0, k], ..., index[m-1, k]] = values[k] in place; ``index`` an (m, K) int64
-    NDArray, ``values`` a host array whose first axis is K.
+    NDArray, ``values`` an NDArray or a host array whose first axis is K.
 
     MXNet's scatter directly: NDArray's advanced-index assignment wraps the same operator
     in about 2 ms of Python index handling per call on this machine (0.1 ms this way).
     """
-    mx.nd._internal._scatter_set_nd(lhs=array, rhs=to_ndarray(values, array.context, array.dtype),
-                                    indices=index, shape=array.shape, out=array)
+    if not isinstance(values, mx.nd.NDArray):
+        values = to_ndarray(values, array.context, array.dtype)
+    mx.nd._internal._scatter_set_nd(lhs=array, rhs=values, indices=index, shape=array.shape, out=array)
 
 
 def scale_rows_exact(rows, coefficient):
@@ -324,7 +325,9 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         host_labels = check_labels(label, self.num_classes)
         t = float(step.asscalar())
         beta = self.settings.beta_at(t)
-        label_index = label.astype("int64")
+        # (i, y_i) of every row, for the scatters; its second row is the labels as indices.
+        index = to_ndarray(np.stack([np.arange(len(host_labels)), host_labels]), data.context, np.int64)
+        label_index = index[1]
         f = mx.nd.pick(logits, label_index, axis=1).astype("float64").asnumpy()
         norm_x = saved["norm_x"]
         w_y = None
@@ -349,7 +352,6 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             p = p + column["o"] * _inverse_or_zero(norm_x)
         if row.normalise_weights:
             q = q + column["o"] * _inverse_or_zero(norm_w)
-        index = to_ndarray(np.stack([np.arange(len(host_labels)), host_labels]), data.context, np.int64)
         return dict(host_labels=host_labels, label_index=label_index, index=index, w_y=w_y, norm_w=norm_w,
                     o=column["o"], d_f=column["d_f"], p=p, q=q)
 
@@ -417,9 +419,8 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             row_updates = host_data * through_f[:, None] + host_w_y * per_sample_q[:, None]
             classes, per_class = sum_by_class(row_updates, target["host_labels"])
             classes = to_ndarray(classes.reshape((1, -1)), context, np.int64)
-            updated = mx.nd.take(grad_weight, classes[0]) + to_ndarray(per_class, context, dtype)
-            mx.nd._internal._scatter_set_nd(lhs=grad_weight, rhs=updated, indices=classes,
-                                            shape=grad_weight.shape, out=grad_weight)
+            scatter_set(grad_weight, classes,
+                        mx.nd.take(grad_weight, classes[0]) + to_ndarray(per_class, context, dtype))
         if req[0] != "write":
             self.assign(in_grad[0], req[0], grad_data)
         if req[1] != "write":

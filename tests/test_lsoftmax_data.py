@@ -156,11 +156,11 @@ MXNET_DEFAULT_THREADS = max(1, (os.cpu_count() or 1) // (2 if platform.machine()
     ({"OMP_NUM_THREADS": "3"}, 3),
 ])
 def test_operator_threads_reads_what_mxnet_set(setting, expected):
-    environment = {name: value for name, value in os.environ.items()
-                   if name not in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")}
-    environment.update(setting)
+    child_environment = {name: value for name, value in os.environ.items()
+                         if name not in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")}
+    child_environment.update(setting)
     printed = subprocess.run(
         [sys.executable, "-c", "import mxnet; from mx_lsoftmax.support import environment; "
                                "print(environment.operator_threads())"],
-        env=environment, capture_output=True, text=True, check=True).stdout.split()[-1]
+        env=child_environment, capture_output=True, text=True, check=True).stdout.split()[-1]
     assert printed == str(expected)
