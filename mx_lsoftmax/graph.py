@@ -5,11 +5,15 @@ hybridized forward, ``export``, the compiled backend's cached graph) and
 ``F = mx.nd`` (imperative calls). Every caller goes through it, so the
 training graph and the plain graph of a kind are written once.
 """
+import mxnet as mx
+
 from .kinds import MarginSettings
 
-__all__ = ["build", "COMPILED_OP"]
+__all__ = ["build", "COMPILED_OP", "COMPILED_NORMALISE_OP"]
 
-COMPILED_OP = "margin_softmax_target"  # registered by the library (src/operator/margin_softmax.cc)
+# Registered by the library (src/operator/margin_softmax.cc).
+COMPILED_OP = "margin_softmax_target"
+COMPILED_NORMALISE_OP = "margin_softmax_normalise"
 
 
 def _normalised_rows(F, rows, scale=None):
@@ -25,6 +29,19 @@ def _normalised_rows(F, rows, scale=None):
     # A same-shape product, not broadcast_div: shape inference then runs both ways, so a
     # weight variable without a declared shape gets it from FullyConnected.
     return F.elemwise_mul(rows, F.broadcast_like(inverse, rows))
+
+
+def _declare_shape(symbol, shape):
+    """Give a variable declared without a shape the one the layer implies (0: any size).
+
+    The library ops cannot take an input's shape from their outputs (lib_api
+    passes them only the inputs'), and MXNet 1.9.1's lib_api bridge sizes its
+    copy of the input shapes by their ranks, counting an unknown rank as -1:
+    an input of unknown rank makes it write past the end of that copy. With
+    the rank declared, the ops fill in the sizes themselves.
+    """
+    if symbol.get_children() is None and symbol.attr("__shape__") is None:
+        symbol._set_attr(__shape__=str(shape))
 
 
 def build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins=None):
@@ -50,5 +67,17 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
     if backend == "python":
         return F.Custom(data, weight, label, *extra, step, op_type="MarginSoftmax", num_hidden=num_classes,
                         name=name, **attrs)
-    logits = F.FullyConnected(data, weight, no_bias=True, num_hidden=num_classes, name=f"{name}_fc")
-    return getattr(F, COMPILED_OP)(logits, data, weight, label, step, *extra, name=name, **attrs)[0]
+    if F is mx.sym:
+        _declare_shape(weight, (num_classes, 0))
+        if class_margins is not None:
+            _declare_shape(class_margins, (num_classes,))
+    if row.normalise_weights:
+        # Unit rows into FullyConnected, their norms into the target op (K11): the whole weight
+        # gradient then comes back through one op, with no (C, D) sum of two terms.
+        unit_rows = getattr(F, COMPILED_NORMALISE_OP)(weight, data, num_hidden=num_classes,
+                                                      name=f"{name}_normalise")
+        classifier, weight_input = unit_rows[0], unit_rows[1]
+    else:
+        classifier, weight_input = weight, weight
+    logits = F.FullyConnected(data, classifier, no_bias=True, num_hidden=num_classes, name=f"{name}_fc")
+    return getattr(F, COMPILED_OP)(logits, data, weight_input, label, step, *extra, name=name, **attrs)[0]

@@ -124,6 +124,39 @@ def numeric_gradient(loss, array, eps):
     return gradient
 
 
+# The unit weight rows of the compiled op (K11), for its CPU and CUDA tests.
+def unit_rows_reference(weight, grad_unit, grad_norm):
+    """float64 unit rows, norms, and the rows' gradient of sum(G_u * u) + sum(g_n * n) by
+    central differences (step 1e-6 of each row's norm); zero rows: unit 0, gradient 0 (K9)."""
+    def norm(row):  # scaled first: squares of 1e160 or 1e-160 leave float64
+        largest = np.abs(row).max()
+        return largest * np.linalg.norm(row / largest) if largest > 0 else 0.0
+
+    weight = np.asarray(weight, np.float64)
+    norms = np.array([norm(row) for row in weight])
+    unit = np.divide(weight, norms[:, None], out=np.zeros_like(weight), where=norms[:, None] > 0)
+    gradient = np.zeros_like(weight)
+    for r in np.flatnonzero(norms > 0):
+        def loss(row):
+            return grad_unit[r] @ (row / norm(row)) + grad_norm[r] * norm(row)
+        step = 1e-6 * norms[r]
+        for d in range(weight.shape[1]):
+            up, down = weight[r].copy(), weight[r].copy()
+            up[d] += step
+            down[d] -= step
+            gradient[r, d] = (loss(up) - loss(down)) / (2 * step)
+    return unit, norms, gradient
+
+
+def unit_rows_case(norms, dims=6, seed=11):
+    """Rows (len(norms), dims) of the given norms, and random gradients of the unit rows and norms."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((len(norms), dims))
+    weight = directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.asarray(norms)[:, None]
+    grad_unit, grad_norm = rng.standard_normal(weight.shape), rng.standard_normal(len(norms))
+    return weight, grad_unit, grad_norm
+
+
 def nd(array, dtype=None):
     array = np.asarray(array)
     return mx.nd.array(array, dtype=dtype or array.dtype)

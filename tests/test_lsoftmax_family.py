@@ -12,7 +12,7 @@ from mx_lsoftmax import KINDS, MarginSettings, spec
 from mx_lsoftmax import gluon as blocks
 
 from conftest import (BETAS, KIND_CASES, NUMERIC_GRADIENT_SCALED, TOLERANCE, kind_inputs, nd,
-                      numeric_gradient)
+                      numeric_gradient, unit_rows_case, unit_rows_reference)
 
 # Both routes of the Python op (host and engine) in every backend-parametrized test.
 BOTH_PYTHON_ROUTES = True
@@ -232,11 +232,16 @@ def test_compiled_defaults_equal_the_python_table(kind):
     if not mx_lsoftmax.library.is_loaded():
         pytest.skip("the compiled library is not built (run `make`)")
     data, weight, label = kind_inputs(kind, MarginSettings(kind).values, 6, 4, 3, seed=1)
-    logits = nd(data @ weight.T)
+    x, w = nd(data), nd(weight)
+    if MarginSettings(kind).row.normalise_weights:  # unit rows into the products, norms into the op (K11)
+        classifier, weight_input = mx.nd.margin_softmax_normalise(w, x, num_hidden=3)
+    else:
+        classifier, weight_input = w, w
+    logits = mx.nd.dot(x, classifier, transpose_b=True)
     step = mx.nd.array([0.0], dtype="float64")
-    bare = mx.nd.margin_softmax_target(logits, nd(data), nd(weight), nd(label), step, kind=kind)[0]
+    bare = mx.nd.margin_softmax_target(logits, x, weight_input, nd(label), step, kind=kind)[0]
     attrs = MarginSettings(kind).as_attrs()
-    full = mx.nd.margin_softmax_target(logits, nd(data), nd(weight), nd(label),
+    full = mx.nd.margin_softmax_target(logits, x, weight_input, nd(label),
                                        mx.nd.array([0.0], dtype="float64"), **attrs)[0]
     np.testing.assert_array_equal(bare.asnumpy(), full.asnumpy())
     want = expected(kind, {}, data, weight, label, np.zeros((6, 3)))[0]
@@ -401,3 +406,61 @@ def test_python_op_in_a_bound_graph_reuses_its_work_arrays_correctly(case, monke
                executor.grad_dict["weight"].asnumpy())
         for value, want in zip(got, expected(kind, settings, data, weight, label, grad)):
             np.testing.assert_allclose(value, want, **TOLERANCE["float64"])
+
+
+# ---- The compiled op's unit weight rows (K11) ----
+
+def compiled_unit_rows(weight, grad_unit, grad_norm, dtype):
+    w = nd(weight, dtype)
+    w.attach_grad()
+    with autograd.record():
+        unit, norms = mx.nd.margin_softmax_normalise(w, nd(np.ones((2, weight.shape[1])), dtype),
+                                                     num_hidden=weight.shape[0])
+        loss = (unit * nd(grad_unit, dtype)).sum() + (norms * nd(grad_norm)).sum().astype(dtype)
+    loss.backward()
+    return unit.asnumpy(), norms.asnumpy(), w.grad.asnumpy()
+
+
+@pytest.mark.parametrize("dtype, norms", [
+    ("float64", [1.0, 0.0, 2.5, 1e-30, 1e30, 1e-160, 1e160]),  # zero row; squares that leave float64
+    ("float32", [1.0, 0.0, 2.5, 1e-30, 3e20, 1e-22]),         # squares that leave float32
+])
+def test_compiled_unit_rows_and_their_gradient(dtype, norms):
+    """margin_softmax_normalise against explicit normalisation and finite differences, with
+    the norms' gradient too (the layer passes 0 there; the op is exact for any)."""
+    if not mx_lsoftmax.library.is_loaded():
+        pytest.skip("the compiled library is not built (run `make`)")
+    weight, grad_unit, grad_norm = unit_rows_case(norms)
+    weight = weight.astype(dtype).astype(np.float64)  # the reference sees the rounded rows
+    unit, norm, gradient = compiled_unit_rows(weight, grad_unit, grad_norm, dtype)
+    want_unit, want_norm, want_gradient = unit_rows_reference(weight, grad_unit, grad_norm)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == "float64" else dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(unit, want_unit, **tolerance)
+    np.testing.assert_allclose(norm, want_norm, rtol=1e-12 if dtype == "float64" else 1e-7)
+    assert np.all(norm.dtype == np.float64)
+    assert np.all(gradient[1] == 0)  # the zero row stays where it is (K9)
+    for r in np.flatnonzero(np.asarray(norms) > 0):  # each row at its own scale (|dL/dw| ~ 1 / |w|)
+        scale = float(np.abs(want_gradient[r]).max())
+        np.testing.assert_allclose(gradient[r].astype(np.float64) / scale, want_gradient[r] / scale,
+                                   rtol=1e-6 if dtype == "float64" else 1e-4,
+                                   atol=1e-6 if dtype == "float64" else 1e-4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda w, x: mx.nd.margin_softmax_normalise(w, x), "parameter num_hidden must be an integer >= 1, got nothing"),
+    (lambda w, x: mx.nd.margin_softmax_normalise(w, x, num_hidden=2.5), "num_hidden must be an integer >= 1, got 2.5"),
+    (lambda w, x: mx.nd.margin_softmax_normalise(w, x, num_hidden=6), "input weight must be (num_hidden, D) = (6, 4), got shape (5, 4)"),
+    (lambda w, x: mx.nd.margin_softmax_normalise(w, x.reshape((2, 2, 2)), num_hidden=5), "input data must be 2-D (N, D), got shape (2, 2, 2)"),
+    (lambda w, x: mx.nd.margin_softmax_normalise(w, x.astype("float64"), num_hidden=5), "input weight must have the dtype of data (float64), got float32"),
+    (lambda w, x: mx.nd.margin_softmax_normalise(w, x, num_hidden=5, margin=1), "takes only num_hidden, got margin=1"),
+])
+def test_compiled_unit_rows_errors_name_the_input(call, message):
+    if not mx_lsoftmax.library.is_loaded():
+        pytest.skip("the compiled library is not built (run `make`)")
+    weight, data = mx.nd.ones((5, 4)), mx.nd.ones((2, 4))
+    with pytest.raises(mx.base.MXNetError) as error:
+        call(weight, data)[0].asnumpy()
+    assert message in str(error.value)
+    assert "margin_softmax_normalise:" in str(error.value)
+    unit = mx.nd.margin_softmax_normalise(weight, data, num_hidden=5)[0]  # the process goes on
+    np.testing.assert_allclose(unit.asnumpy(), np.full((5, 4), 0.5))

@@ -18,7 +18,8 @@ from mx_lsoftmax import spec
 from mx_lsoftmax import MarginSettings
 from mx_lsoftmax.support.cuda_harness import BAD_SETTINGS, SUCCESS, HarnessUnavailable, KernelHarness
 
-from conftest import BETAS, KIND_CASES, MARGINS, TOLERANCE, angle_clear_inputs, kind_inputs, nd
+from conftest import (BETAS, KIND_CASES, MARGINS, TOLERANCE, angle_clear_inputs, kind_inputs, nd,
+                      unit_rows_case, unit_rows_reference)
 
 SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 
@@ -153,7 +154,8 @@ def test_c_entry_points_parse_settings_with_the_op_parser():
     library = ctypes.CDLL(CUDA_LIBRARY)
     library.margin_softmax_last_error.restype = ctypes.c_char_p
     forward = library.margin_softmax_forward_float64
-    pointers = 10  # logits, data, weight, label, step, class_margins, out, beta_used, data_norm, weight_norm
+    pointers = 11  # logits, data, weight, unit_weight_norm, label, step, class_margins, out, beta_used,
+    #               data_norm, weight_norm
     forward.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3
                         + [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p])
     for text, message in ((b"kind=cosface;m1=2", "kind cosface does not take the setting 'm1'"),
@@ -189,3 +191,28 @@ def test_kernels_per_class_margins_match_spec(kernels, dtype):
     for got, expected in zip((out, grad_data, grad_weight), want):
         scale = max(1.0, float(np.abs(expected).max())) if dtype == "float32" else 1.0
         np.testing.assert_allclose(cupy.asnumpy(got) / scale, expected / scale, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernels_unit_rows_match_reference(kernels, dtype):
+    """The normalise kernels (K11) with D > block size, a zero row and extreme norms, and a
+    gradient for the norms too, against explicit normalisation and finite differences."""
+    norms = [1.0, 0.0, 2.5, 1e-30, 3e20, 1e-22] + ([1e-160, 1e160] if dtype == "float64" else [])
+    weight, grad_unit, grad_norm = unit_rows_case(norms, dims=300)
+    weight = weight.astype(dtype).astype(np.float64)
+    cupy = kernels.cupy
+    status, unit, norm = kernels.normalise(cupy.asarray(weight, dtype=dtype))
+    assert status == SUCCESS
+    status, gradient = kernels.normalise_backward(cupy.asarray(grad_unit, dtype=dtype), unit, norm,
+                                                  cupy.asarray(grad_norm))
+    assert status == SUCCESS
+    want_unit, want_norm, want_gradient = unit_rows_reference(weight, grad_unit, grad_norm)
+    tolerance = 1e-12 if dtype == "float64" else 1e-6
+    np.testing.assert_allclose(cupy.asnumpy(unit), want_unit, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(cupy.asnumpy(norm), want_norm, rtol=1e-12 if dtype == "float64" else 1e-7)
+    gradient = cupy.asnumpy(gradient).astype(np.float64)
+    assert np.all(gradient[1] == 0)
+    for r in np.flatnonzero(np.asarray(norms) > 0):
+        scale = float(np.abs(want_gradient[r]).max())
+        np.testing.assert_allclose(gradient[r] / scale, want_gradient[r] / scale,
+                                   rtol=1e-6 if dtype == "float64" else 1e-4, atol=1e-6 if dtype == "float64" else 1e-4)

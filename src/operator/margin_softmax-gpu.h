@@ -30,7 +30,8 @@ template <typename T, typename L>
 struct GpuForward {
   const T* logits;      // (rows, classes), the raw products x W^T
   const T* data;        // (rows, dims)
-  const T* weight;      // (classes, dims)
+  const T* weight;      // (classes, dims), raw weights (lsoftmax); else null
+  const double* unit_weight_norm;  // (classes,) |w_j| of the unit rows the logits used (K11), or null
   const L* label;       // (rows,)
   T* step;              // (1,), read then advanced
   const T* class_margins;  // (classes,) with settings.per_class_margin, else null
@@ -50,7 +51,7 @@ struct GpuBackward {
   const T* grad_output;        // (rows, classes)
   const T* logits;             // (rows, classes)
   const T* data;               // (rows, dims)
-  const T* weight;             // (classes, dims)
+  const T* weight;             // (classes, dims), raw weights (lsoftmax); else null
   const L* label;              // (rows,)
   const T* class_margins;      // (classes,) with settings.per_class_margin, else null
   const T* output;             // (rows, classes), the forward's output
@@ -59,7 +60,7 @@ struct GpuBackward {
   const double* weight_norm;   // (classes,)
   T* grad_logits;              // (rows, classes)
   T* grad_data;                // (rows, dims), the norm path only
-  T* grad_weight;              // (classes, dims), the norm path only
+  T* grad_weight;              // (classes, dims), the norm path only (lsoftmax); else null
   int64_t rows, classes, dims;
   Settings settings;
   void* scratch;
@@ -72,6 +73,15 @@ template <typename T, typename L>
 int forward_gpu_launch(const GpuForward<T, L>& arguments);
 template <typename T, typename L>
 int backward_gpu_launch(const GpuBackward<T, L>& arguments);
+
+/*! \brief margin_softmax_normalise (K11): unit rows and norms; and the rows' gradient. */
+template <typename T>
+int normalise_gpu_launch(const T* rows, T* unit, double* norms, int64_t count, int64_t dims,
+                         void* stream);
+template <typename T>
+int normalise_backward_gpu_launch(const T* grad_unit, const double* grad_norm, const T* unit,
+                                  const double* norms, T* grad_rows, int64_t count, int64_t dims,
+                                  void* stream);
 
 }  // namespace margin_softmax
 

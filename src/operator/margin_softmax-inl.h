@@ -215,58 +215,53 @@ MARGIN_FUNCTION double feature_factor(const Settings& p, double norm_x) {
   return norm_x > 0.0 ? p.s / norm_x : 0.0;
 }
 
-/*! \brief kappa_j of (K1): 1 / |w_j| under weight normalisation (0 for a zero row), else 1. */
-MARGIN_FUNCTION double weight_factor(const Settings& p, double norm_w) {
-  if (!p.normalise_weights) return 1.0;
-  return norm_w > 0.0 ? 1.0 / norm_w : 0.0;
-}
-
 /*! \brief The target entry: its output and the coefficients of the backward (K3, K7, K8). */
 struct TargetColumn {
   double output;  // o (training), or z where a b = 0
   double d_f;     // do/df, the target entry of G' / g
   double p;       // P_i = [feat](-S_i / a) + g p, S over the output (K8)
-  double q;       // Q_y gains g q, T over the output (K8)
+  double q;       // Q_y gains g q (lsoftmax: the only kind whose logits hold the raw |w_y|)
 };
 
 /*!
- * \brief The training target of one row from f = x . w_y, a = |x|, b = |w_y| (K3, K7).
+ * \brief The training target of one row from f, a = |x|, b = |w_y| (K3, K7, K11).
  *
- * r = rho kappa a b (K1). p and q fold the target's own term of S_i and T_j,
- * taken over the output (which holds o, not z, in the target column), into the
- * row's coefficients: p = do/da + [feat] o / a, q = do/db + [wt] o / b. Rows
- * with a b = 0 keep the plain logit z = 0 with do/df = rho kappa (K9).
+ * f is x . w_y, or x . w_y / b where the kind normalises weights: the weights
+ * reach FullyConnected as unit rows (K11), so b only marks a zero row there.
+ * r = rho a b for lsoftmax, rho a for sphereface, s for the others (K1).
+ * p folds the target's own term of S_i, taken over the output (which holds o,
+ * not z, in the target column), into the row's coefficient: p = do/da +
+ * [feat] o / a; q = do/db. Rows with a b = 0 keep the plain logit z = 0 with
+ * do/df = rho (K9).
  */
 MARGIN_FUNCTION TargetColumn target_column(const Settings& p, double f, double a, double b,
                                            double beta, double floor) {
   TargetColumn result;
-  const double rho = feature_factor(p, a), kappa = weight_factor(p, b);
-  const double z = rho * kappa * f;
+  const double rho = feature_factor(p, a);
+  const double z = rho * f;
   if (!(a > 0.0 && b > 0.0)) {
     result.output = z;
-    result.d_f = rho * kappa;
+    result.d_f = rho;
     result.p = 0.0;
     result.q = 0.0;
     return result;
   }
-  const double inverse_a = 1.0 / a, inverse_b = 1.0 / b;
-  double c = f * inverse_a * inverse_b;  // not f / (a b): a b can overflow
+  const double inverse_a = 1.0 / a;
+  // cos(theta): f / (a b) for raw weights, written so that a b cannot overflow.
+  double c = p.normalise_weights ? f * inverse_a : f * inverse_a * (1.0 / b);
   c = c > 1.0 ? 1.0 : (c < -1.0 ? -1.0 : c);
   const Psi value = psi(p, c, floor);
-  const double radius = rho * kappa * a * b;
+  const double radius = p.normalise_features ? p.s : (p.normalise_weights ? a : a * b);
   const double blend = 1.0 / (1.0 + beta);
   const double dz_da = p.normalise_features ? -z * inverse_a : 0.0;
-  const double dz_db = p.normalise_weights ? -z * inverse_b : 0.0;
   const double radius_has_a = p.normalise_features ? 0.0 : 1.0;
-  const double radius_has_b = p.normalise_weights ? 0.0 : 1.0;
   result.output = (beta * z + radius * value.value) * blend;
-  result.d_f = rho * kappa * (beta + value.derivative) * blend;
+  result.d_f = rho * (beta + value.derivative) * blend;
   const double d_a =
       (beta * dz_da + radius * inverse_a * (radius_has_a * value.value - c * value.derivative)) * blend;
-  const double d_b =
-      (beta * dz_db + radius * inverse_b * (radius_has_b * value.value - c * value.derivative)) * blend;
   result.p = d_a + (p.normalise_features ? result.output * inverse_a : 0.0);
-  result.q = d_b + (p.normalise_weights ? result.output * inverse_b : 0.0);
+  // Only raw weights carry b in r and in c; unit rows get their gradient through (K11).
+  result.q = p.normalise_weights ? 0.0 : radius / b * (value.value - c * value.derivative) * blend;
   return result;
 }
 
@@ -293,21 +288,26 @@ MARGIN_FUNCTION bool square_sum_is_safe(double sum) {
 }
 
 /*!
- * \brief sum_d v[d]^2 in float64, in eight interleaved partial sums.
+ * \brief sum_d u[d] v[d], accumulated in A (float64 by default), in eight interleaved partial sums.
  *
  * A single running sum is a dependency chain the compiler may not reorder
  * (IEEE order), so it stays scalar; eight independent lanes vectorise, and
  * pairwise-summing them keeps the rounding error lower than one chain.
  */
-template <typename T>
-MARGIN_FUNCTION double sum_of_squares(const T* row, int64_t length) {
-  double lanes[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+template <typename A = double, typename T>
+MARGIN_FUNCTION A dot_product(const T* u, const T* v, int64_t length) {
+  A lanes[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
   int64_t d = 0;
   for (; d + 8 <= length; d += 8) {
-    for (int k = 0; k < 8; ++k) lanes[k] += static_cast<double>(row[d + k]) * row[d + k];
+    for (int k = 0; k < 8; ++k) lanes[k] += static_cast<A>(u[d + k]) * static_cast<A>(v[d + k]);
   }
-  for (; d < length; ++d) lanes[0] += static_cast<double>(row[d]) * row[d];
+  for (; d < length; ++d) lanes[0] += static_cast<A>(u[d]) * static_cast<A>(v[d]);
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+template <typename T>
+MARGIN_FUNCTION double sum_of_squares(const T* row, int64_t length) {
+  return dot_product(row, row, length);
 }
 
 /*! \brief |v| of one contiguous row, without overflow or underflow for any finite input. */
@@ -324,6 +324,33 @@ MARGIN_FUNCTION double row_norm(const T* row, int64_t length) {
     scaled += v * v;
   }
   return largest * sqrt(scaled);
+}
+
+/*! \brief The factor of the unit row v / |v|: 1 / |v|, or 0 for a zero row (K9, K11). */
+MARGIN_FUNCTION double unit_factor(double norm) { return norm > 0.0 ? 1.0 / norm : 0.0; }
+
+/*! \brief dL/dv = along_gradient g_u + along_unit u for one row (K11). */
+struct UnitRowGradient {
+  double along_gradient, along_unit;
+};
+
+/*!
+ * \brief The gradient of a row v through its unit row u = v / n and its norm n = |v| (K11).
+ *
+ * du/dv = (I - u u^T) / n and dn/dv = u^T, so with g_u = dL/du and g_n = dL/dn:
+ *   dL/dv = (g_u - (g_u . u) u) / n + g_n u = g_u / n + (g_n - (g_u . u) / n) u.
+ * `projection` is g_u . u. A zero row has neither derivative; it gets 0 (K9).
+ */
+MARGIN_FUNCTION UnitRowGradient unit_row_gradient(double norm, double projection, double grad_norm) {
+  UnitRowGradient result;
+  if (!(norm > 0.0)) {
+    result.along_gradient = 0.0;
+    result.along_unit = 0.0;
+    return result;
+  }
+  result.along_gradient = 1.0 / norm;
+  result.along_unit = grad_norm - projection / norm;
+  return result;
 }
 
 }  // namespace margin_softmax

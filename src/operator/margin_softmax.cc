@@ -37,6 +37,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "mxnet/lib_api.h"
 #include "margin_softmax-inl.h"
 #include "margin_softmax-gpu.h"
@@ -73,6 +77,7 @@ const T* class_margins_of(const Settings& p, std::vector<MXTensor>* inputs, int 
 int backward_output(const Settings& p, int output) { return kNumOutputs + input_count(p) + output; }
 
 const char* const kOpName = "margin_softmax_target";
+const char* const kNormaliseName = "margin_softmax_normalise";
 
 /*!
  * \brief MX_ERROR_MSG with the messages of earlier, already reported errors dropped.
@@ -83,15 +88,17 @@ const char* const kOpName = "margin_softmax_target";
  * the only member of MXerrorMsgs (lib_api.h, MX_LIBRARY_VERSION 11), the
  * copy compiled into this library.
  */
-std::stringstream& error_message(const char* file, int line) {
+std::stringstream& error_message(const char* file, int line, const char* op_name) {
   auto* messages = reinterpret_cast<std::vector<std::stringstream*>*>(MXerrorMsgs::get());
   for (std::stringstream* message : *messages) delete message;
   messages->clear();
   std::stringstream& message = MXerrorMsgs::get()->add(file, line);
-  message << kOpName << ": ";
+  message << op_name << ": ";
   return message;
 }
-#define MARGIN_ERROR ::margin_softmax::error_message(__FILE__, __LINE__)
+#define MARGIN_ERROR ::margin_softmax::error_message(__FILE__, __LINE__, ::margin_softmax::kOpName)
+#define NORMALISE_ERROR \
+  ::margin_softmax::error_message(__FILE__, __LINE__, ::margin_softmax::kNormaliseName)
 
 namespace {
 
@@ -211,6 +218,16 @@ std::string shape_text(const std::vector<unsigned int>& shape) {
   return text.str();
 }
 
+// Whether MXNet knows every size of a shape: lib_api hands an unknown rank over as no sizes
+// and an unknown size as -1 cast to unsigned.
+bool shape_is_known(const std::vector<unsigned int>& shape) {
+  if (shape.empty()) return false;
+  for (unsigned int size : shape) {
+    if (size == static_cast<unsigned int>(-1)) return false;
+  }
+  return true;
+}
+
 MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& attrs,
                           int* num_inputs, int* num_outputs) {
   Settings settings;
@@ -224,9 +241,23 @@ MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& att
                          std::vector<int>* in_types, std::vector<int>* out_types) {
   // Symbols may leave some dtypes unknown (-1): take the first known one,
   // data's first, since the user sets it and the others follow from it.
+  Settings settings;
+  if (!parse_settings(attrs, &settings)) return MX_FAIL;
+  // Where the kind normalises weights, the weight input is the float64 norms of the unit rows
+  // that FullyConnected used (margin_softmax_normalise, K11); else the raw weight.
+  const bool given_norms = settings.normalise_weights;
+  if (given_norms) {
+    if ((*in_types)[kWeight] < 0) (*in_types)[kWeight] = kFloat64;
+    if ((*in_types)[kWeight] != kFloat64) {
+      MARGIN_ERROR << "input weight of kind " << kKinds[settings.kind].name
+                   << " must be the float64 norms from margin_softmax_normalise, got "
+                   << dtype_name((*in_types)[kWeight]);
+      return MX_FAIL;
+    }
+  }
   int dtype = -1;
   int source = kData;
-  for (int input : {kData, kLogits, kWeight, kStep}) {
+  for (int input : {kData, kLogits, kStep}) {
     if (dtype < 0) source = input;
     if (dtype < 0) dtype = (*in_types)[input];
   }
@@ -236,7 +267,8 @@ MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& att
                  << dtype_name(dtype);
     return MX_FAIL;
   }
-  std::vector<int> same = {kLogits, kData, kWeight, kStep};
+  std::vector<int> same = {kLogits, kData, kStep};
+  if (!given_norms) same.push_back(kWeight);
   if (in_types->size() > kClassMargins) same.push_back(kClassMargins);
   for (int input : same) {
     if ((*in_types)[input] < 0) (*in_types)[input] = dtype;
@@ -272,7 +304,16 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
     MARGIN_ERROR << "input logits must be (N, C) with N = " << data[0];
     return MX_FAIL;
   }
-  if (weight.size() != 2 || weight[0] != logits[1] || weight[1] != data[1]) {
+  Settings settings;
+  if (!parse_settings(attrs, &settings)) return MX_FAIL;
+  if (settings.normalise_weights) {  // the norms of the unit weight rows (K11)
+    if (weight.size() != 1 || weight[0] != logits[1]) {
+      MARGIN_ERROR << "input weight of kind " << kKinds[settings.kind].name
+                   << " must be the norms (C,) = (" << logits[1]
+                   << ",) from margin_softmax_normalise, got shape " << shape_text(weight);
+      return MX_FAIL;
+    }
+  } else if (weight.size() != 2 || weight[0] != logits[1] || weight[1] != data[1]) {
     MARGIN_ERROR << "input weight must be (C, D) = (" << logits[1] << ", " << data[1] << ")";
     return MX_FAIL;
   }
@@ -286,7 +327,7 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
   }
   if (in_shapes->size() > kClassMargins) {
     auto& class_margins = (*in_shapes)[kClassMargins];
-    if (class_margins.empty()) class_margins = {logits[1]};  // a variable without a shape yet
+    if (!shape_is_known(class_margins)) class_margins = {logits[1]};  // a variable without a shape yet
     if (class_margins.size() != 1 || class_margins[0] != logits[1]) {
       MARGIN_ERROR << "input class_margins must have shape (C,) = (" << logits[1] << ",), got "
                    << shape_text(class_margins);
@@ -296,7 +337,7 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
   (*out_shapes)[kOutput] = logits;
   (*out_shapes)[kBetaUsed] = std::vector<unsigned int>{1};
   (*out_shapes)[kDataNorm] = std::vector<unsigned int>{data[0]};
-  (*out_shapes)[kWeightNorm] = std::vector<unsigned int>{weight[0]};
+  (*out_shapes)[kWeightNorm] = std::vector<unsigned int>{logits[1]};
   return MX_SUCCESS;
 }
 
@@ -436,74 +477,73 @@ void parallel_for(int64_t count, int64_t work_per_item, Body body) {
 }
 
 /*!
- * \brief rho_i and kappa_j (K1) in the arithmetic A of the (N, C) passes.
+ * \brief rho_i (K1) in the arithmetic A of the (N, C) passes.
  *
  * A is the data's type when every factor is finite in it, so float32 passes
  * vectorise; a norm below ~1e-37 makes s / |x| overflow float, and then the
  * passes run in double (the per-row math always does).
  */
 template <typename A>
-bool scale_factors(const Settings& p, const double* data_norm, const double* weight_norm,
-                   int64_t rows, int64_t classes, std::vector<A>* rho, std::vector<A>* kappa) {
+bool feature_factors(const Settings& p, const double* data_norm, int64_t rows, std::vector<A>* rho) {
   rho->resize(rows);
-  kappa->resize(classes);
   bool finite = true;
   for (int64_t i = 0; i < rows; ++i) {
     (*rho)[i] = static_cast<A>(feature_factor(p, data_norm[i]));
     finite = finite && std::isfinite((*rho)[i]);
   }
-  for (int64_t j = 0; j < classes; ++j) {
-    (*kappa)[j] = static_cast<A>(weight_factor(p, weight_norm[j]));
-    finite = finite && std::isfinite((*kappa)[j]);
-  }
   return finite;
 }
 
-// out_ij = f_ij rho_i kappa_j (K2), rows split across threads.
+// out_ij = f_ij rho_i (K2), rows split across threads.
 template <typename T, typename A>
-void scale_logits(const T* logits, T* out, const std::vector<A>& rho, const std::vector<A>& kappa,
-                  int64_t rows, int64_t classes) {
+void scale_logits(const T* logits, T* out, const std::vector<A>& rho, int64_t rows, int64_t classes) {
   parallel_for(rows, classes, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const A r = rho[i];
       const T* f = logits + i * classes;
       T* o = out + i * classes;
-      for (int64_t j = 0; j < classes; ++j) o[j] = static_cast<T>(f[j] * r * kappa[j]);
+      for (int64_t j = 0; j < classes; ++j) o[j] = static_cast<T>(f[j] * r);
     }
   });
 }
 
-// G' = G rho kappa off the target column, S_i = sum_j G_ij o_ij and T_j = sum_i G_ij o_ij (K8).
-// Each thread sums its rows' T_j into its own vector; the vectors are added at the end.
+// G' = G rho off the target column and S_i = sum_j G_ij o_ij (K8).
 template <typename T, typename A>
 void scale_gradient(const T* grad_output, const T* output, T* grad_logits, const std::vector<A>& rho,
-                    const std::vector<A>& kappa, int64_t rows, int64_t classes,
-                    std::vector<double>* row_sum, std::vector<double>* column_sum) {
-  std::mutex merge;
+                    int64_t rows, int64_t classes, std::vector<double>* row_sum) {
   parallel_for(rows, classes, [&](int64_t begin, int64_t end) {
-    std::vector<A> columns(classes, A(0));
     for (int64_t i = begin; i < end; ++i) {
       const A r = rho[i];
       const T* g = grad_output + i * classes;
-      const T* o = output + i * classes;
       T* g_prime = grad_logits + i * classes;
-      for (int64_t j = 0; j < classes; ++j) {
-        g_prime[j] = static_cast<T>(g[j] * r * kappa[j]);
-        columns[j] += static_cast<A>(g[j]) * o[j];
-      }
-      // S_i in eight independent lanes (see sum_of_squares): vectorisable.
-      A lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t j = 0;
-      for (; j + 8 <= classes; j += 8) {
-        for (int k = 0; k < 8; ++k) lanes[k] += static_cast<A>(g[j + k]) * o[j + k];
-      }
-      for (; j < classes; ++j) lanes[0] += static_cast<A>(g[j]) * o[j];
-      (*row_sum)[i] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                      ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (int64_t j = 0; j < classes; ++j) g_prime[j] = static_cast<T>(g[j] * r);
+      // In the pass's arithmetic A, as the scaling: float32 lanes vectorise twice as wide.
+      (*row_sum)[i] = dot_product<A>(g, output + i * classes, classes);
     }
-    std::lock_guard<std::mutex> lock(merge);
-    for (int64_t j = 0; j < classes; ++j) (*column_sum)[j] += columns[j];
   });
+}
+
+// Whether `exact`, rounded to T, scales a row of T without leaving T's normal range
+// on the way: then the row is scaled in T (vectorised), else in float64.
+template <typename T>
+bool fits(double exact) {
+  const T value = static_cast<T>(exact);
+  return std::isfinite(value) && (exact == 0.0 || std::fabs(value) >= std::numeric_limits<T>::min());
+}
+
+// out = exact * in over one row of `dims` values.
+template <typename T>
+void scale_row(const T* in, double exact, T* out, int64_t dims) {
+  if (exact == 0.0) {
+    std::memset(out, 0, sizeof(T) * dims);
+  } else if (fits<T>(exact)) {
+    const T c = static_cast<T>(exact);
+    for (int64_t d = 0; d < dims; ++d) out[d] = c * in[d];
+  } else {
+    // P_i / |x_i| or 1 / |w_j| can leave float32 (|x| = 1e-22: 6e45) while its product with
+    // the row, of length |x|, does not: such rows are scaled in float64.
+    for (int64_t d = 0; d < dims; ++d) out[d] = static_cast<T>(exact * static_cast<double>(in[d]));
+  }
 }
 
 // out[r, :] = coefficient[r] * rows[r, :]: the norm paths P_i x_i / a_i and Q_j w_j / b_j.
@@ -511,21 +551,7 @@ template <typename T>
 void scale_rows(const T* rows, const std::vector<double>& coefficient, T* out, int64_t count,
                 int64_t dims) {
   parallel_for(count, dims, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const double exact = coefficient[r];
-      const T c = static_cast<T>(exact);
-      T* o = out + r * dims;
-      const T* in = rows + r * dims;
-      if (exact == 0.0) {  // every class outside the batch, for lsoftmax: no need to read the row
-        std::memset(o, 0, sizeof(T) * dims);
-      } else if (std::isfinite(c) && std::fabs(c) >= std::numeric_limits<T>::min()) {
-        for (int64_t d = 0; d < dims; ++d) o[d] = c * in[d];
-      } else {
-        // P_i / |x_i| can leave float32 (|x| = 1e-22: 6e45) while its product with the row,
-        // of length |x|, does not: such rows are scaled in float64.
-        for (int64_t d = 0; d < dims; ++d) o[d] = static_cast<T>(exact * static_cast<double>(in[d]));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) scale_row(rows + r * dims, coefficient[r], out + r * dims, dims);
   });
 }
 
@@ -554,7 +580,6 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   if (!read_labels((*inputs)[kLabel], s.classes, &labels)) return MX_FAIL;
   const T* logits = (*inputs)[kLogits].data<T>();
   const T* data = (*inputs)[kData].data<T>();
-  const T* weight = (*inputs)[kWeight].data<T>();
   T* step = (*inputs)[kStep].data<T>();
   const T* class_margins = class_margins_of<T>(p, inputs, kClassMargins);
   T* out = (*outputs)[kOutput].data<T>();
@@ -562,23 +587,24 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   double* weight_norm = (*outputs)[kWeightNorm].data<double>();
   const double beta = beta_at(p, static_cast<double>(step[0]));
   row_norms(data, s.rows, s.dims, data_norm);
-  if (p.normalise_weights) {
-    row_norms(weight, s.classes, s.dims, weight_norm);
+  if (p.normalise_weights) {  // unit rows: the weight input is their norms (K11)
+    std::memcpy(weight_norm, (*inputs)[kWeight].data<double>(), sizeof(double) * s.classes);
   } else {
+    const T* weight = (*inputs)[kWeight].data<T>();
     std::memset(weight_norm, 0, sizeof(double) * s.classes);
     for (int64_t i = 0; i < s.rows; ++i) {
       weight_norm[labels[i]] = row_norm(weight + labels[i] * s.dims, s.dims);
     }
   }
   prefer_huge_pages(out, sizeof(T) * s.rows * s.classes);
-  if (p.normalise_features || p.normalise_weights) {
-    std::vector<T> rho, kappa;
-    if (scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho, &kappa)) {
-      scale_logits(logits, out, rho, kappa, s.rows, s.classes);
+  if (p.normalise_features) {
+    std::vector<T> rho;
+    if (feature_factors(p, data_norm, s.rows, &rho)) {
+      scale_logits(logits, out, rho, s.rows, s.classes);
     } else {
-      std::vector<double> rho64, kappa64;
-      scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho64, &kappa64);
-      scale_logits(logits, out, rho64, kappa64, s.rows, s.classes);
+      std::vector<double> rho64;
+      feature_factors(p, data_norm, s.rows, &rho64);
+      scale_logits(logits, out, rho64, s.rows, s.classes);
     }
   } else {
     parallel_copy(out, logits, s.rows * s.classes);
@@ -596,7 +622,7 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   return MX_SUCCESS;
 }
 
-// (K8): G' into grad_logits, then the norm paths P_i x_i / a_i and Q_j w_j / b_j.
+// (K8): G' into grad_logits, then the norm paths P_i x_i / a_i and (lsoftmax) Q_j w_j / b_j.
 template <typename T>
 MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
                                  std::vector<MXTensor>* outputs) {
@@ -606,7 +632,6 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   const T* grad_output = (*inputs)[kBackwardGradOutput].data<T>();
   const T* logits = (*inputs)[kBackwardLogits].data<T>();
   const T* data = (*inputs)[kBackwardData].data<T>();
-  const T* weight = (*inputs)[kBackwardWeight].data<T>();
   const T* class_margins = class_margins_of<T>(p, inputs, kBackwardClassMargins);
   const T* output = (*inputs)[backward_output(p, kOutput)].data<T>();
   const double* data_norm = (*inputs)[backward_output(p, kDataNorm)].data<double>();
@@ -615,25 +640,17 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
       static_cast<double>((*inputs)[backward_output(p, kBetaUsed)].data<T>()[0]);
   T* grad_logits = (*outputs)[kLogits].data<T>();
   T* grad_data = (*outputs)[kData].data<T>();
-  T* grad_weight = (*outputs)[kWeight].data<T>();
   prefer_huge_pages(grad_logits, sizeof(T) * s.rows * s.classes);
-  prefer_huge_pages(grad_weight, sizeof(T) * s.classes * s.dims);
 
   std::vector<double> row_sum(s.rows, 0.0), along_weight(s.classes, 0.0);
-  if (p.normalise_features || p.normalise_weights) {
-    std::vector<T> rho, kappa;
-    if (scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho, &kappa)) {
-      scale_gradient(grad_output, output, grad_logits, rho, kappa, s.rows, s.classes, &row_sum,
-                     &along_weight);
+  if (p.normalise_features) {
+    std::vector<T> rho;
+    if (feature_factors(p, data_norm, s.rows, &rho)) {
+      scale_gradient(grad_output, output, grad_logits, rho, s.rows, s.classes, &row_sum);
     } else {
-      std::vector<double> rho64, kappa64;
-      scale_factors(p, data_norm, weight_norm, s.rows, s.classes, &rho64, &kappa64);
-      scale_gradient(grad_output, output, grad_logits, rho64, kappa64, s.rows, s.classes, &row_sum,
-                     &along_weight);
-    }
-    for (int64_t j = 0; j < s.classes; ++j) {  // Q_j / b_j starts at -T_j / b_j^2
-      const double inverse = p.normalise_weights ? weight_factor(p, weight_norm[j]) : 0.0;
-      along_weight[j] = -along_weight[j] * inverse * inverse;
+      std::vector<double> rho64;
+      feature_factors(p, data_norm, s.rows, &rho64);
+      scale_gradient(grad_output, output, grad_logits, rho64, s.rows, s.classes, &row_sum);
     }
   } else {
     parallel_copy(grad_logits, grad_output, s.rows * s.classes);
@@ -654,7 +671,13 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
     if (b > 0.0) along_weight[y] += g * column.q / b;
   }
   scale_rows(data, along_data, grad_data, s.rows, s.dims);
-  scale_rows(weight, along_weight, grad_weight, s.classes, s.dims);
+  if (p.normalise_weights) {
+    zero_tensor_cpu(outputs, kWeight);  // the norms of unit rows shape no logit (K11)
+  } else {
+    T* grad_weight = (*outputs)[kWeight].data<T>();
+    prefer_huge_pages(grad_weight, sizeof(T) * s.classes * s.dims);
+    scale_rows((*inputs)[kBackwardWeight].data<T>(), along_weight, grad_weight, s.classes, s.dims);
+  }
   zero_tensor_cpu(outputs, kLabel);
   zero_tensor_cpu(outputs, kStep);
   if (class_margins != nullptr) zero_tensor_cpu(outputs, kClassMargins);  // constants
@@ -681,6 +704,192 @@ MXReturnValue backward_cpu(const std::unordered_map<std::string, std::string>& a
   return backward_cpu_typed<float>(p, inputs, outputs);
 }
 
+// ---- margin_softmax_normalise: unit weight rows for the kinds that normalise weights (K11) ----
+//
+// Inputs rows (C, D) and data (N, D); outputs unit (C, D) = rows / |rows| (0 for a zero row)
+// and norm (C,) float64. The weight-normalising kinds run FullyConnected on the unit rows, so the
+// whole weight gradient arrives here in one piece: FullyConnected's product term and the norm path
+// are combined in one pass (K11) instead of MXNet adding two dense (C, D) terms of separate ops.
+//
+// data is read for its shape only (gradient 0): lib_api lets an op infer its inputs' shapes
+// from its other inputs, never from its outputs, and a weight variable declared without a
+// shape (Module, symbol graphs) gets (num_hidden, D) from here, as FullyConnected would give it.
+enum NormaliseInput { kNormaliseRows = 0, kNormaliseData, kNormaliseInputs };
+enum NormaliseOutput { kNormaliseUnit = 0, kNormaliseNorm, kNormaliseOutputs };
+// Backward inputs: [grad unit, grad norm, rows, data, unit, norm].
+enum NormaliseBackwardInput {
+  kNormaliseGradUnit = 0, kNormaliseGradNorm, kNormaliseBackwardRows, kNormaliseBackwardData,
+  kNormaliseBackwardUnit, kNormaliseBackwardNorm,
+};
+// The one attribute: num_hidden, the number of rows C.
+bool parse_num_hidden(const std::unordered_map<std::string, std::string>& attrs, int64_t* rows) {
+  for (const auto& attr : attrs) {
+    if (attr.first.rfind("__", 0) == 0 || attr.first == "num_hidden") continue;  // MXNet's own
+    NORMALISE_ERROR << "takes only num_hidden, got " << attr.first << "=" << attr.second;
+    return false;
+  }
+  const auto found = attrs.find("num_hidden");
+  double value = 0.0;
+  if (found == attrs.end() || !parse_number("num_hidden", found->second, &value) || value < 1 ||
+      value != std::floor(value)) {
+    NORMALISE_ERROR << "parameter num_hidden must be an integer >= 1, got "
+                    << (found == attrs.end() ? std::string("nothing") : found->second);
+    return false;
+  }
+  *rows = static_cast<int64_t>(value);
+  return true;
+}
+
+MXReturnValue normalise_parse_attrs(const std::unordered_map<std::string, std::string>& attrs,
+                                    int* num_inputs, int* num_outputs) {
+  int64_t rows = 0;
+  if (!parse_num_hidden(attrs, &rows)) return MX_FAIL;
+  *num_inputs = kNormaliseInputs;
+  *num_outputs = kNormaliseOutputs;
+  return MX_SUCCESS;
+}
+
+MXReturnValue normalise_infer_type(const std::unordered_map<std::string, std::string>& attrs,
+                                   std::vector<int>* in_types, std::vector<int>* out_types) {
+  const bool from_data = (*in_types)[kNormaliseData] >= 0;
+  const int dtype = from_data ? (*in_types)[kNormaliseData] : (*in_types)[kNormaliseRows];
+  if (dtype < 0) return MX_SUCCESS;
+  if (dtype != kFloat32 && dtype != kFloat64) {
+    NORMALISE_ERROR << "input " << (from_data ? "data" : "weight")
+                    << " must be float32 or float64, got " << dtype_name(dtype);
+    return MX_FAIL;
+  }
+  for (int input : {kNormaliseRows, kNormaliseData}) {
+    if ((*in_types)[input] < 0) (*in_types)[input] = dtype;
+    if ((*in_types)[input] != dtype) {
+      NORMALISE_ERROR << "input weight must have the dtype of data (" << dtype_name(dtype)
+                      << "), got " << dtype_name((*in_types)[kNormaliseRows]);
+      return MX_FAIL;
+    }
+  }
+  (*out_types)[kNormaliseUnit] = dtype;
+  (*out_types)[kNormaliseNorm] = kFloat64;
+  return MX_SUCCESS;
+}
+
+MXReturnValue normalise_infer_shape(const std::unordered_map<std::string, std::string>& attrs,
+                                    std::vector<std::vector<unsigned int>>* in_shapes,
+                                    std::vector<std::vector<unsigned int>>* out_shapes) {
+  int64_t classes = 0;
+  if (!parse_num_hidden(attrs, &classes)) return MX_FAIL;
+  const auto& data = (*in_shapes)[kNormaliseData];
+  auto& rows = (*in_shapes)[kNormaliseRows];
+  if (data.size() != 2) {
+    NORMALISE_ERROR << "input data must be 2-D (N, D), got shape " << shape_text(data);
+    return MX_FAIL;
+  }
+  const std::vector<unsigned int> wanted = {static_cast<unsigned int>(classes), data[1]};
+  if (!shape_is_known(rows)) rows = wanted;  // a weight variable without (all of) its shape yet
+  if (rows != wanted) {
+    NORMALISE_ERROR << "input weight must be (num_hidden, D) = (" << classes << ", " << data[1]
+                    << "), got shape " << shape_text(rows);
+    return MX_FAIL;
+  }
+  (*out_shapes)[kNormaliseUnit] = rows;
+  (*out_shapes)[kNormaliseNorm] = std::vector<unsigned int>{rows[0]};
+  return MX_SUCCESS;
+}
+
+// One pass per row: its norm, then the row scaled while it is still in the cache.
+template <typename T>
+void normalise_rows_cpu(const T* rows, T* unit, double* norms, int64_t count, int64_t dims) {
+  parallel_for(count, dims, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      norms[r] = row_norm(rows + r * dims, dims);
+      scale_row(rows + r * dims, unit_factor(norms[r]), unit + r * dims, dims);
+    }
+  });
+}
+
+// out[d] = a g[d] + b u[d] over one row.
+template <typename T>
+void combine_row(const T* g, T a, const T* u, T b, T* out, int64_t dims) {
+  for (int64_t d = 0; d < dims; ++d) out[d] = a * g[d] + b * u[d];
+}
+
+#if defined(__SSE2__)
+// The float32 row with streaming stores: the weight gradient is read next by the optimizer,
+// long after this pass, so writing it past the caches saves the read-for-ownership of every
+// line (a third of the pass's memory traffic). Same products and sums as above, so the same
+// result bit for bit.
+inline void combine_row(const float* g, float a, const float* u, float b, float* out, int64_t dims) {
+  int64_t d = 0;
+  for (; d < dims && (reinterpret_cast<uintptr_t>(out + d) & 15) != 0; ++d) out[d] = a * g[d] + b * u[d];
+  const __m128 along_gradient = _mm_set1_ps(a), along_unit = _mm_set1_ps(b);
+  for (; d + 4 <= dims; d += 4) {
+    _mm_stream_ps(out + d, _mm_add_ps(_mm_mul_ps(along_gradient, _mm_loadu_ps(g + d)),
+                                      _mm_mul_ps(along_unit, _mm_loadu_ps(u + d))));
+  }
+  for (; d < dims; ++d) out[d] = a * g[d] + b * u[d];
+}
+#endif
+
+// dL/dv = along_gradient g_u + along_unit u per row (K11), in one pass.
+template <typename T>
+void normalise_rows_backward_cpu(const T* grad_unit, const double* grad_norm, const T* unit,
+                                 const double* norms, T* grad_rows, int64_t count, int64_t dims) {
+  parallel_for(count, dims, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = grad_unit + r * dims;
+      const T* u = unit + r * dims;
+      T* out = grad_rows + r * dims;
+      const UnitRowGradient row =
+          unit_row_gradient(norms[r], dot_product(g, u, dims), grad_norm[r]);
+      if (fits<T>(row.along_gradient) && fits<T>(row.along_unit)) {
+        combine_row(g, static_cast<T>(row.along_gradient), u, static_cast<T>(row.along_unit), out, dims);
+      } else {  // a row of norm below float32's range: its 1 / |v| is combined in float64
+        for (int64_t d = 0; d < dims; ++d) {
+          out[d] = static_cast<T>(row.along_gradient * static_cast<double>(g[d]) +
+                                  row.along_unit * static_cast<double>(u[d]));
+        }
+      }
+    }
+#if defined(__SSE2__)
+    _mm_sfence();  // the streaming stores are visible before the thread reports its part done
+#endif
+  });
+}
+
+MXReturnValue normalise_forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                                    std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                                    const OpResource& resource) {
+  MXTensor& rows = (*inputs)[kNormaliseRows];
+  const int64_t count = rows.shape[0], dims = rows.shape[1];
+  double* norms = (*outputs)[kNormaliseNorm].data<double>();
+  if (rows.dtype == kFloat64) {
+    normalise_rows_cpu(rows.data<double>(), (*outputs)[kNormaliseUnit].data<double>(), norms, count, dims);
+  } else {
+    normalise_rows_cpu(rows.data<float>(), (*outputs)[kNormaliseUnit].data<float>(), norms, count, dims);
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue normalise_backward_cpu(const std::unordered_map<std::string, std::string>& attrs,
+                                     std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                                     const OpResource& resource) {
+  MXTensor& unit = (*inputs)[kNormaliseBackwardUnit];
+  const int64_t count = unit.shape[0], dims = unit.shape[1];
+  const double* grad_norm = (*inputs)[kNormaliseGradNorm].data<double>();
+  const double* norms = (*inputs)[kNormaliseBackwardNorm].data<double>();
+  prefer_huge_pages((*outputs)[kNormaliseRows].data_ptr, dtype_size(unit.dtype) * count * dims);
+  zero_tensor_cpu(outputs, kNormaliseData);  // read for its shape only
+  if (unit.dtype == kFloat64) {
+    normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<double>(), grad_norm,
+                                unit.data<double>(), norms,
+                                (*outputs)[kNormaliseRows].data<double>(), count, dims);
+  } else {
+    normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
+                                unit.data<float>(), norms, (*outputs)[kNormaliseRows].data<float>(),
+                                count, dims);
+  }
+  return MX_SUCCESS;
+}
+
 #if defined(MARGIN_SOFTMAX_WITH_CUDA)
 // ---- GPU launchers: unpack the tensors, dispatch on dtypes, call margin_softmax.cu ----
 
@@ -699,8 +908,11 @@ template <typename T, typename L>
 MXReturnValue forward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
                                 std::vector<MXTensor>* outputs, const OpResource& resource) {
   const Shape s = shape_of(*inputs, kLogits, kData);
+  const bool unit_rows = p.normalise_weights;  // the weight input is their norms (K11)
   GpuForward<T, L> a{(*inputs)[kLogits].data<T>(), (*inputs)[kData].data<T>(),
-                     (*inputs)[kWeight].data<T>(), (*inputs)[kLabel].data<L>(),
+                     unit_rows ? nullptr : (*inputs)[kWeight].data<T>(),
+                     unit_rows ? (*inputs)[kWeight].data<double>() : nullptr,
+                     (*inputs)[kLabel].data<L>(),
                      (*inputs)[kStep].data<T>(),
                      class_margins_of<T>(p, inputs, kClassMargins),
                      (*outputs)[kOutput].data<T>(),
@@ -715,22 +927,25 @@ template <typename T, typename L>
 MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
                                  std::vector<MXTensor>* outputs, const OpResource& resource) {
   const Shape s = shape_of(*inputs, kBackwardLogits, kBackwardData);
+  const bool unit_rows = p.normalise_weights;  // the weight input is their norms (K11)
   GpuBackward<T, L> a{(*inputs)[kBackwardGradOutput].data<T>(),
                       (*inputs)[kBackwardLogits].data<T>(), (*inputs)[kBackwardData].data<T>(),
-                      (*inputs)[kBackwardWeight].data<T>(), (*inputs)[kBackwardLabel].data<L>(),
+                      unit_rows ? nullptr : (*inputs)[kBackwardWeight].data<T>(),
+                      (*inputs)[kBackwardLabel].data<L>(),
                       class_margins_of<T>(p, inputs, kBackwardClassMargins),
                       (*inputs)[backward_output(p, kOutput)].data<T>(),
                       (*inputs)[backward_output(p, kBetaUsed)].data<T>(),
                       (*inputs)[backward_output(p, kDataNorm)].data<double>(),
                       (*inputs)[backward_output(p, kWeightNorm)].data<double>(),
                       (*outputs)[kLogits].data<T>(),
-                      (*outputs)[kData].data<T>(), (*outputs)[kWeight].data<T>(), s.rows,
+                      (*outputs)[kData].data<T>(),
+                      unit_rows ? nullptr : (*outputs)[kWeight].data<T>(), s.rows,
                       s.classes, s.dims, p,
                       resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
                       resource.get_cuda_stream()};
   const int result = backward_gpu_launch(a);
-  for (int index : {kLabel, kStep, kClassMargins}) {
-    if (index < static_cast<int>(outputs->size())) {
+  for (int index : {int(kLabel), int(kStep), int(kClassMargins), unit_rows ? int(kWeight) : -1}) {
+    if (index >= 0 && index < static_cast<int>(outputs->size())) {
       MXTensor& tensor = (*outputs)[index];
       zero_device(tensor.data_ptr, tensor.size() * dtype_size(tensor.dtype), a.stream);
     }
@@ -774,6 +989,45 @@ MXReturnValue backward_gpu(const std::unordered_map<std::string, std::string>& a
                      return backward_gpu_typed<T, L>(p, inputs, outputs, resource);
                    });
 }
+
+MXReturnValue normalise_forward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                                    std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                                    const OpResource& resource) {
+  MXTensor& rows = (*inputs)[kNormaliseRows];
+  const int64_t count = rows.shape[0], dims = rows.shape[1];
+  double* norms = (*outputs)[kNormaliseNorm].data<double>();
+  void* stream = resource.get_cuda_stream();
+  const int result =
+      rows.dtype == kFloat64
+          ? normalise_gpu_launch(rows.data<double>(), (*outputs)[kNormaliseUnit].data<double>(),
+                                 norms, count, dims, stream)
+          : normalise_gpu_launch(rows.data<float>(), (*outputs)[kNormaliseUnit].data<float>(),
+                                 norms, count, dims, stream);
+  return report_gpu(result, 0);
+}
+
+MXReturnValue normalise_backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
+                                     std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                                     const OpResource& resource) {
+  MXTensor& unit = (*inputs)[kNormaliseBackwardUnit];
+  const int64_t count = unit.shape[0], dims = unit.shape[1];
+  const double* grad_norm = (*inputs)[kNormaliseGradNorm].data<double>();
+  const double* norms = (*inputs)[kNormaliseBackwardNorm].data<double>();
+  void* stream = resource.get_cuda_stream();
+  const int result =
+      unit.dtype == kFloat64
+          ? normalise_backward_gpu_launch((*inputs)[kNormaliseGradUnit].data<double>(), grad_norm,
+                                          unit.data<double>(), norms,
+                                          (*outputs)[kNormaliseRows].data<double>(), count, dims,
+                                          stream)
+          : normalise_backward_gpu_launch((*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
+                                          unit.data<float>(), norms,
+                                          (*outputs)[kNormaliseRows].data<float>(), count, dims,
+                                          stream);
+  MXTensor& grad_data = (*outputs)[kNormaliseData];  // read for its shape only
+  zero_device(grad_data.data_ptr, grad_data.size() * dtype_size(grad_data.dtype), stream);
+  return report_gpu(result, 0);
+}
 #endif  // MARGIN_SOFTMAX_WITH_CUDA
 
 }  // namespace
@@ -793,6 +1047,19 @@ REGISTER_OP(margin_softmax_target)
 #endif
     ;
 
+REGISTER_OP(margin_softmax_normalise)
+    .setParseAttrs(margin_softmax::normalise_parse_attrs)
+    .setInferType(margin_softmax::normalise_infer_type)
+    .setInferShape(margin_softmax::normalise_infer_shape)
+    .setInferSType(margin_softmax::infer_storage_type)
+    .setForward(margin_softmax::normalise_forward_cpu, "cpu")
+    .setBackward(margin_softmax::normalise_backward_cpu, "cpu")
+#if defined(MARGIN_SOFTMAX_WITH_CUDA)
+    .setForward(margin_softmax::normalise_forward_gpu, "gpu")
+    .setBackward(margin_softmax::normalise_backward_gpu, "gpu")
+#endif
+    ;
+
 MXReturnValue initialize(int version) {
   if (version >= 10700) return MX_SUCCESS;
   MARGIN_ERROR << "this library needs MXNet >= 1.7.0, got version " << version;
@@ -805,8 +1072,12 @@ MXReturnValue initialize(int version) {
 // device pointers, sizes, the settings as "name=value" pairs separated by ';'
 // (parsed by parse_settings, like a node's attributes), device scratch of
 // margin_softmax_scratch_bytes(rows, classes) bytes, and a stream (0: default).
-// Labels are int64. Return kGpuSuccess (-1), the first bad row, kCudaFailure
-// (-2), or -3 for bad settings (margin_softmax_last_error() says why).
+// Labels are int64. Kinds that normalise weights compose as the graph does (K11):
+// margin_softmax_normalise_forward makes the unit rows and norms, the logits are
+// products with the unit rows, the forward takes weight = null and those norms,
+// and its backward leaves grad_weight (null) to margin_softmax_normalise_backward.
+// Return kGpuSuccess (-1), the first bad row, kCudaFailure (-2), or -3 for bad
+// settings (margin_softmax_last_error() says why).
 // ---------------------------------------------------------------------------
 namespace {
 std::string last_error;
@@ -834,15 +1105,16 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
 
 #define MARGIN_C_ENTRY(T, SUFFIX)                                                                \
   extern "C" int margin_softmax_forward_##SUFFIX(                                                 \
-      const T* logits, const T* data, const T* weight, const int64_t* label, T* step,            \
-      const T* class_margins, T* out, T* beta_used, double* data_norm, double* weight_norm,      \
-      int64_t rows, int64_t classes, int64_t dims, const char* settings_text, void* scratch,     \
-      void* stream) {                                                                             \
+      const T* logits, const T* data, const T* weight, const double* unit_weight_norm,           \
+      const int64_t* label, T* step, const T* class_margins, T* out, T* beta_used,               \
+      double* data_norm, double* weight_norm, int64_t rows, int64_t classes, int64_t dims,       \
+      const char* settings_text, void* scratch, void* stream) {                                   \
     margin_softmax::Settings settings;                                                            \
     if (!settings_from_text(settings_text, &settings)) return -3;                                 \
-    margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, label, step, class_margins,   \
-                                             out, beta_used, data_norm, weight_norm, rows,       \
-                                             classes, dims, settings, scratch, stream};          \
+    margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, unit_weight_norm, label,      \
+                                             step, class_margins, out, beta_used, data_norm,     \
+                                             weight_norm, rows, classes, dims, settings,         \
+                                             scratch, stream};                                   \
     return margin_softmax::forward_gpu_launch(a);                                                 \
   }                                                                                               \
   extern "C" int margin_softmax_backward_##SUFFIX(                                                \
@@ -858,6 +1130,17 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
         weight_norm, grad_logits, grad_data, grad_weight, rows, classes, dims, settings,         \
         scratch,     stream};                                                                     \
     return margin_softmax::backward_gpu_launch(a);                                                \
+  }                                                                                               \
+  extern "C" int margin_softmax_normalise_forward_##SUFFIX(const T* rows, T* unit, double* norms, \
+                                                           int64_t count, int64_t dims,          \
+                                                           void* stream) {                        \
+    return margin_softmax::normalise_gpu_launch(rows, unit, norms, count, dims, stream);         \
+  }                                                                                               \
+  extern "C" int margin_softmax_normalise_backward_##SUFFIX(                                      \
+      const T* grad_unit, const double* grad_norm, const T* unit, const double* norms,           \
+      T* grad_rows, int64_t count, int64_t dims, void* stream) {                                  \
+    return margin_softmax::normalise_backward_gpu_launch(grad_unit, grad_norm, unit, norms,      \
+                                                         grad_rows, count, dims, stream);         \
   }
 
 MARGIN_C_ENTRY(float, float32)

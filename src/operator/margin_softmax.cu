@@ -1,13 +1,13 @@
 /*!
  * \file margin_softmax.cu
- * \brief GPU kernels of ``margin_softmax_target``: thin launchers around margin_softmax-inl.h.
+ * \brief GPU kernels of ``margin_softmax_target`` and ``margin_softmax_normalise``: thin
+ *        launchers around margin_softmax-inl.h.
  *
- * Row norms: one block per row, reduced in float64 (scaled where the plain sum
- * would overflow, as row_norm does on the CPU). The (N, C) passes are
- * grid-stride element-wise kernels; the target column is one thread per row
- * evaluating the shared target_column(). Column sums T_j (K8) take one thread
- * per column, reading G and the output row by row (coalesced across threads).
- * Everything runs on the stream MXNet hands the op.
+ * Row norms and the unit rows (K11): one block per row, reduced in float64
+ * (scaled where the plain sum would overflow, as row_norm does on the CPU).
+ * The (N, C) passes are grid-stride element-wise kernels; the target column
+ * is one thread per row evaluating the shared target_column(). Everything
+ * runs on the stream MXNet hands the op.
  *
  * This file does not include lib_api.h (which would need cuRAND's headers
  * under nvcc): margin_softmax.cc, compiled by the host compiler, registers the
@@ -90,16 +90,13 @@ __global__ void target_norms_kernel(const T* weight, const L* label, int64_t cla
   if (threadIdx.x == 0) weight_norm[y] = norm;
 }
 
-// out_ij = f_ij rho_i kappa_j (K2).
+// out_ij = f_ij rho_i (K2).
 template <typename T>
-__global__ void scale_kernel(const T* logits, T* out, const double* data_norm,
-                             const double* weight_norm, int64_t rows, int64_t classes,
-                             Settings settings) {
+__global__ void scale_kernel(const T* logits, T* out, const double* data_norm, int64_t rows,
+                             int64_t classes, Settings settings) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < rows * classes;
        index += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = index / classes, j = index % classes;
-    out[index] = static_cast<T>(logits[index] * feature_factor(settings, data_norm[i]) *
-                                weight_factor(settings, weight_norm[j]));
+    out[index] = static_cast<T>(logits[index] * feature_factor(settings, data_norm[index / classes]));
   }
 }
 
@@ -134,40 +131,21 @@ __global__ void advance_step_kernel(T* step, T* beta_used, Settings settings) {
   step[0] += T(1);
 }
 
-// G' = G rho kappa off the target column, and S_i = sum_j G_ij o_ij; one block per row.
+// G' = G rho off the target column, and S_i = sum_j G_ij o_ij; one block per row.
 template <typename T>
 __global__ void backward_rows_kernel(const T* grad_output, const T* output, T* grad_logits,
-                                     const double* data_norm, const double* weight_norm,
-                                     int64_t classes, Settings settings, double* row_sum) {
+                                     const double* data_norm, int64_t classes, Settings settings,
+                                     double* row_sum) {
   const int64_t i = blockIdx.x;
   const double rho = feature_factor(settings, data_norm[i]);
   double sum = 0.0;
   for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) {
     const int64_t index = i * classes + j;
-    grad_logits[index] =
-        static_cast<T>(grad_output[index] * rho * weight_factor(settings, weight_norm[j]));
+    grad_logits[index] = static_cast<T>(grad_output[index] * rho);
     sum += static_cast<double>(grad_output[index]) * output[index];
   }
   sum = block_reduce(sum, Add());
   if (threadIdx.x == 0) row_sum[i] = sum;
-}
-
-// Q_j / b_j starts at -T_j / b_j^2 under weight normalisation (K8), else 0.
-template <typename T>
-__global__ void column_kernel(const T* grad_output, const T* output, const double* weight_norm,
-                              int64_t rows, int64_t classes, Settings settings,
-                              double* along_weight) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < classes;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    double sum = 0.0;
-    if (settings.normalise_weights) {
-      for (int64_t i = 0; i < rows; ++i) {
-        sum += static_cast<double>(grad_output[i * classes + j]) * output[i * classes + j];
-      }
-    }
-    const double inverse = settings.normalise_weights ? weight_factor(settings, weight_norm[j]) : 0.0;
-    along_weight[j] = -sum * inverse * inverse;
-  }
 }
 
 template <typename T, typename L>
@@ -195,13 +173,43 @@ __global__ void backward_target_kernel(const T* grad_output, const T* logits, co
   if (b > 0.0) atomicAdd(along_weight + y, g * column.q / b);
 }
 
-// out[r, d] = coefficient[r] * rows[r, d]: the norm paths P_i x_i / a_i and Q_j w_j / b_j.
+// out[r, d] = coefficient[r] * rows[r, d]: the norm paths P_i x_i / a_i and (lsoftmax) Q_j w_j / b_j.
 template <typename T>
 __global__ void scale_rows_kernel(const T* rows, const double* coefficient, T* out, int64_t count,
                                   int64_t dims) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < count * dims;
        index += int64_t(gridDim.x) * blockDim.x) {
     out[index] = static_cast<T>(coefficient[index / dims] * rows[index]);
+  }
+}
+
+// unit = rows / |rows| (0 for a zero row) and the norms (K11); one block per row.
+template <typename T>
+__global__ void normalise_kernel(const T* rows, T* unit, double* norms, int64_t dims) {
+  const int64_t r = blockIdx.x;
+  const double norm = block_row_norm(rows + r * dims, dims);
+  const double factor = unit_factor(norm);
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    unit[r * dims + d] = static_cast<T>(factor * static_cast<double>(rows[r * dims + d]));
+  }
+  if (threadIdx.x == 0) norms[r] = norm;
+}
+
+// dL/dv = along_gradient g_u + along_unit u (K11); one block per row.
+template <typename T>
+__global__ void normalise_backward_kernel(const T* grad_unit, const double* grad_norm, const T* unit,
+                                          const double* norms, T* grad_rows, int64_t dims) {
+  const int64_t r = blockIdx.x;
+  double projection = 0.0;
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    projection += static_cast<double>(grad_unit[r * dims + d]) * unit[r * dims + d];
+  }
+  projection = block_reduce(projection, Add());
+  const UnitRowGradient row = unit_row_gradient(norms[r], projection, grad_norm ? grad_norm[r] : 0.0);
+  for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
+    grad_rows[r * dims + d] =
+        static_cast<T>(row.along_gradient * static_cast<double>(grad_unit[r * dims + d]) +
+                       row.along_unit * static_cast<double>(unit[r * dims + d]));
   }
 }
 
@@ -232,10 +240,9 @@ int forward_gpu_launch(const GpuForward<T, L>& a) {
   const Scratch scratch = split(a.scratch, a.rows);
   cudaMemsetAsync(scratch.bad_label, kNoBadLabelByte, sizeof(int), stream);
   if (a.rows > 0) norms_kernel<<<a.rows, kThreads, 0, stream>>>(a.data, a.dims, a.data_norm);
-  if (a.settings.normalise_weights) {
-    if (a.classes > 0) {
-      norms_kernel<<<a.classes, kThreads, 0, stream>>>(a.weight, a.dims, a.weight_norm);
-    }
+  if (a.settings.normalise_weights) {  // unit rows: their norms come with them (K11)
+    cudaMemcpyAsync(a.weight_norm, a.unit_weight_norm, sizeof(double) * a.classes,
+                    cudaMemcpyDeviceToDevice, stream);
   } else {
     cudaMemsetAsync(a.weight_norm, 0, sizeof(double) * a.classes, stream);
     if (a.rows > 0) {
@@ -243,9 +250,9 @@ int forward_gpu_launch(const GpuForward<T, L>& a) {
                                                            a.weight_norm);
     }
   }
-  if (a.settings.normalise_features || a.settings.normalise_weights) {
+  if (a.settings.normalise_features) {
     scale_kernel<<<blocks_for(a.rows * a.classes), kThreads, 0, stream>>>(
-        a.logits, a.out, a.data_norm, a.weight_norm, a.rows, a.classes, a.settings);
+        a.logits, a.out, a.data_norm, a.rows, a.classes, a.settings);
   } else {
     cudaMemcpyAsync(a.out, a.logits, sizeof(T) * a.rows * a.classes, cudaMemcpyDeviceToDevice,
                     stream);
@@ -268,19 +275,17 @@ int backward_gpu_launch(const GpuBackward<T, L>& a) {
   auto stream = static_cast<cudaStream_t>(a.stream);
   const Scratch scratch = split(a.scratch, a.rows);
   cudaMemsetAsync(scratch.bad_label, kNoBadLabelByte, sizeof(int), stream);
-  if (a.settings.normalise_features || a.settings.normalise_weights) {
+  if (a.settings.normalise_features) {
     if (a.rows > 0) {
       backward_rows_kernel<<<a.rows, kThreads, 0, stream>>>(a.grad_output, a.output,
-                                                            a.grad_logits, a.data_norm,
-                                                            a.weight_norm, a.classes, a.settings,
-                                                            scratch.row_sum);
+                                                            a.grad_logits, a.data_norm, a.classes,
+                                                            a.settings, scratch.row_sum);
     }
   } else {
     cudaMemcpyAsync(a.grad_logits, a.grad_output, sizeof(T) * a.rows * a.classes,
                     cudaMemcpyDeviceToDevice, stream);
   }
-  column_kernel<<<blocks_for(a.classes), kThreads, 0, stream>>>(
-      a.grad_output, a.output, a.weight_norm, a.rows, a.classes, a.settings, scratch.along_weight);
+  cudaMemsetAsync(scratch.along_weight, 0, sizeof(double) * a.classes, stream);
   if (a.rows > 0) {
     backward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
         a.grad_output, a.logits, a.label, a.class_margins, a.beta_used, a.data_norm,
@@ -292,8 +297,31 @@ int backward_gpu_launch(const GpuBackward<T, L>& a) {
   if (bad != kNoBadLabel) return bad;
   scale_rows_kernel<<<blocks_for(a.rows * a.dims), kThreads, 0, stream>>>(
       a.data, scratch.along_data, a.grad_data, a.rows, a.dims);
-  scale_rows_kernel<<<blocks_for(a.classes * a.dims), kThreads, 0, stream>>>(
-      a.weight, scratch.along_weight, a.grad_weight, a.classes, a.dims);
+  if (!a.settings.normalise_weights) {  // unit rows get theirs through margin_softmax_normalise
+    scale_rows_kernel<<<blocks_for(a.classes * a.dims), kThreads, 0, stream>>>(
+        a.weight, scratch.along_weight, a.grad_weight, a.classes, a.dims);
+  }
+  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+}
+
+template <typename T>
+int normalise_gpu_launch(const T* rows, T* unit, double* norms, int64_t count, int64_t dims,
+                         void* stream) {
+  if (count > 0) {
+    normalise_kernel<<<count, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(rows, unit, norms,
+                                                                                dims);
+  }
+  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+}
+
+template <typename T>
+int normalise_backward_gpu_launch(const T* grad_unit, const double* grad_norm, const T* unit,
+                                  const double* norms, T* grad_rows, int64_t count, int64_t dims,
+                                  void* stream) {
+  if (count > 0) {
+    normalise_backward_kernel<<<count, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        grad_unit, grad_norm, unit, norms, grad_rows, dims);
+  }
   return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
 }
 
@@ -313,5 +341,11 @@ void zero_device(void* pointer, size_t bytes, void* stream) {
   MARGIN_INSTANTIATE(T, int8_t)
 MARGIN_INSTANTIATE_LABELS(float)
 MARGIN_INSTANTIATE_LABELS(double)
+#define MARGIN_INSTANTIATE_NORMALISE(T)                                                         \
+  template int normalise_gpu_launch<T>(const T*, T*, double*, int64_t, int64_t, void*);        \
+  template int normalise_backward_gpu_launch<T>(const T*, const double*, const T*, const double*, \
+                                                T*, int64_t, int64_t, void*);
+MARGIN_INSTANTIATE_NORMALISE(float)
+MARGIN_INSTANTIATE_NORMALISE(double)
 
 }  // namespace margin_softmax
