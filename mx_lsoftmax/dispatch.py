@@ -2,8 +2,9 @@
 
 backend='python'   the CustomOp ``MarginSoftmax`` (products by MXNet's FullyConnected and its backward
                    inside the op, target column by NDArray element-wise ops);
-backend='compiled' FullyConnected composed with the library op ``margin_softmax_target``
-                   (the products stay in MXNet's FullyConnected, the library op fuses
+backend='compiled' FullyConnected composed with the library ops ``margin_softmax_target``
+                   and, for the kinds that normalise weights, ``margin_softmax_normalise``
+                   (the products stay in MXNet's FullyConnected, the library ops fuse
                    the O(N C + N D + C D) rest);
 backend='auto'     'compiled' when the library is loaded, else 'python'.
 

@@ -3,8 +3,8 @@
 ``make`` builds ``mx_lsoftmax/lib/liblsoftmax.so`` (CPU) and ``make cuda``
 ``mx_lsoftmax/lib/liblsoftmax_cuda.so`` (CPU + GPU); ``pip install .`` builds
 the CPU one into the installed package. ``$MX_LSOFTMAX_LIBRARY`` overrides
-the search. Loading registers ``mx.nd.margin_softmax_target`` and
-``mx.sym.margin_softmax_target`` (every kind).
+the search. Loading registers ``margin_softmax_target`` (every kind) and
+``margin_softmax_normalise`` (unit weight rows, K11) in ``mx.nd`` and ``mx.sym``.
 """
 import os
 import threading

@@ -1,4 +1,5 @@
-"""The CUDA kernels of ``margin_softmax_target`` driven from CuPy, without a GPU build of MXNet.
+"""The CUDA kernels of ``margin_softmax_target`` and ``margin_softmax_normalise`` driven from
+CuPy, without a GPU build of MXNet.
 
 The pip wheel of MXNet 1.9.1 is CPU-only, so the GPU kernels are exercised
 through the extern "C" entry points of ``liblsoftmax_cuda.so`` (``make cuda``):

@@ -2,13 +2,14 @@
  * \file margin_softmax-inl.h
  * \brief The margin-softmax math, once, for the CPU (margin_softmax.cc) and the GPU
  *        (margin_softmax.cu): the table of kinds, the table of settings, psi, the target
- *        column and the row norms.
+ *        column, the row norms and the unit rows' gradient.
  *
  * The compiled op is the fused step of the layer around MXNet's FullyConnected:
- * FullyConnected computes the raw products f = x W^T, and this op scales them
- * into the kind's plain logits, rewrites the target column, and routes the
- * gradient through f and the norms |x_i|, |w_j| (K6-K8). Nothing normalised
- * is ever materialised. Equation numbers (D1)...(D12), (K1)...(K9) refer to
+ * FullyConnected computes the products f = x W^T, on the raw weight (lsoftmax)
+ * or on its unit rows (the kinds that normalise weights, K11), and the target
+ * op scales them into the kind's plain logits, rewrites the target column,
+ * and routes the gradient through f and the norms |x_i| (and lsoftmax's
+ * |w_y|) (K6-K8). Equation numbers (D1)...(D12), (K1)...(K11) refer to
  * docs/derivatives.md.
  *
  * The per-row scalar math runs in double whatever the data's dtype: it is O(N)

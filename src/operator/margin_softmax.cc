@@ -1,10 +1,12 @@
 /*!
  * \file margin_softmax.cc
- * \brief Registration of ``margin_softmax_target`` through MXNet's lib_api, the settings
- *        parser, and the CPU launcher.
+ * \brief Registration of ``margin_softmax_target`` and ``margin_softmax_normalise`` through
+ *        MXNet's lib_api, the settings parser, and the CPU launchers.
  *
- * Inputs:  logits (N, C) = x W^T from FullyConnected on the raw inputs, data x (N, D),
- *          weight W (C, D), label (N,) class indices (any real or integer dtype),
+ * Inputs:  logits (N, C) = x W^T from FullyConnected, data x (N, D),
+ *          weight: W (C, D) for lsoftmax; for the kinds that normalise weights, the float64
+ *          norms |w_j| (C,) from margin_softmax_normalise, whose unit rows FullyConnected
+ *          used (K11); label (N,) class indices (any real or integer dtype),
  *          step (1,) (mutated: the schedule's auxiliary state).
  * Outputs: output (N, C), the kind's logits with the target column blended (K2, K3);
  *          beta (1,), the schedule value this forward used (D12);
