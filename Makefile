@@ -40,7 +40,9 @@ RUN_ENV        = OMP_NUM_THREADS=$(RUN_THREADS) MXNET_ENFORCE_DETERMINISM=1
 
 .PHONY: all cuda install test demo bench results imbalanced clean
 
-all: $(LIBRARY)
+# A CUDA build, once made, is what mx_lsoftmax loads (mx_lsoftmax/library.py), so `make` keeps it
+# in step with the sources too: a stale one would run old code behind a fresh CPU library.
+all: $(LIBRARY) $(wildcard $(CUDA_LIBRARY))
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)

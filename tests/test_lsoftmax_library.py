@@ -93,3 +93,17 @@ def test_wheel_is_tagged_for_the_platform_and_carries_the_library(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("mx_lsoftmax/lib/liblsoftmax.so", "mx_lsoftmax/support/data.py", "mx_lsoftmax/kinds.py"):
         assert needed in names
+
+
+def test_the_library_in_use_is_built_from_the_current_sources():
+    """In a checkout, the library the package loads (a CUDA build first) is newer than every
+    source of it: `make` rebuilds both builds, so a stale one cannot shadow a fresh one."""
+    path = mx_lsoftmax.library.library_path()
+    sources = os.path.join(ROOT, "src", "operator")
+    if path is None or os.environ.get("MX_LSOFTMAX_LIBRARY") or not os.path.isdir(sources):
+        pytest.skip("no library built in this checkout")
+    built = os.path.getmtime(path)
+    used = [name for name in sorted(os.listdir(sources))
+            if path.endswith("_cuda.so") or not name.endswith(".cu")]  # the CPU build has no CUDA
+    stale = [name for name in used if os.path.getmtime(os.path.join(sources, name)) > built]
+    assert not stale, f"{path} is older than {stale}: run `make`"
