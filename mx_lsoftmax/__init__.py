@@ -5,8 +5,8 @@ insightface's combined margin, on one spec (docs/derivatives.md) and two backend
 
 Importing the package registers the Python CustomOps ``op_type='MarginSoftmax'`` and
 ``op_type='LSoftmax'`` and, when built, loads the compiled op library
-(``mx.nd.margin_softmax_target``, ``mx.nd.margin_softmax_normalise``). Entry points: ``margin_logits`` (every kind) and
-``lsoftmax``; Gluon blocks in ``mx_lsoftmax.gluon``.
+(``mx.nd.margin_softmax_target``, ``mx.nd.margin_softmax_normalise``). Entry points:
+``margin_logits`` (every kind) and ``lsoftmax``; Gluon blocks in ``mx_lsoftmax.gluon``.
 """
 from . import op  # noqa: F401  (registers op_type='MarginSoftmax' and 'LSoftmax')
 from . import library

@@ -28,7 +28,7 @@ inline size_t gpu_scratch_bytes(int64_t rows, int64_t classes) {
 /*! \brief Forward: out = the kind's logits with the target blended; norms; step advanced. */
 template <typename T, typename L>
 struct GpuForward {
-  const T* logits;      // (rows, classes), the raw products x W^T
+  const T* logits;      // (rows, classes), x W^T: raw weights, or unit rows (K11)
   const T* data;        // (rows, dims)
   const T* weight;      // (classes, dims), raw weights (lsoftmax); else null
   const double* unit_weight_norm;  // (classes,) |w_j| of the unit rows the logits used (K11), or null
