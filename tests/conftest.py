@@ -148,6 +148,30 @@ def unit_rows_reference(weight, grad_unit, grad_norm):
     return unit, norms, gradient
 
 
+# Agreement of the unit rows (K11) with unit_rows_reference, per dtype: rows and norms to
+# rounding; each row's gradient at its own scale (|dL/dw| ~ 1/|w|), to the differences' error.
+UNIT_ROWS_TOLERANCE = {
+    "float64": dict(unit=1e-12, norm=1e-12, gradient=1e-6),
+    "float32": dict(unit=1e-6, norm=1e-7, gradient=1e-4),
+}
+
+
+def assert_unit_rows_match(weight, grad_unit, grad_norm, unit, norm, gradient, dtype):
+    """The op's unit rows, norms and rows' gradient (NumPy arrays) against unit_rows_reference;
+    zero rows must get exactly 0 (K9)."""
+    want_unit, want_norm, want_gradient = unit_rows_reference(weight, grad_unit, grad_norm)
+    tolerance = UNIT_ROWS_TOLERANCE[dtype]
+    np.testing.assert_allclose(unit, want_unit, rtol=tolerance["unit"], atol=tolerance["unit"])
+    assert norm.dtype == np.float64
+    np.testing.assert_allclose(norm, want_norm, rtol=tolerance["norm"])
+    gradient = gradient.astype(np.float64)
+    assert np.all(gradient[want_norm == 0] == 0)
+    for r in np.flatnonzero(want_norm > 0):
+        scale = float(np.abs(want_gradient[r]).max())
+        np.testing.assert_allclose(gradient[r] / scale, want_gradient[r] / scale,
+                                   rtol=tolerance["gradient"], atol=tolerance["gradient"])
+
+
 def unit_rows_case(norms, dims=6, seed=11):
     """Rows (len(norms), dims) of the given norms, and random gradients of the unit rows and norms."""
     rng = np.random.default_rng(seed)

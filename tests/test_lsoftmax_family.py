@@ -12,7 +12,7 @@ from mx_lsoftmax import KINDS, MarginSettings, spec
 from mx_lsoftmax import gluon as blocks
 
 from conftest import (BETAS, KIND_CASES, NUMERIC_GRADIENT_SCALED, TOLERANCE, kind_inputs, nd,
-                      numeric_gradient, unit_rows_case, unit_rows_reference)
+                      numeric_gradient, unit_rows_case, assert_unit_rows_match)
 
 # Both routes of the Python op (host and engine) in every backend-parametrized test.
 BOTH_PYTHON_ROUTES = True
@@ -432,18 +432,8 @@ def test_compiled_unit_rows_and_their_gradient(dtype, norms):
         pytest.skip("the compiled library is not built (run `make`)")
     weight, grad_unit, grad_norm = unit_rows_case(norms)
     weight = weight.astype(dtype).astype(np.float64)  # the reference sees the rounded rows
-    unit, norm, gradient = compiled_unit_rows(weight, grad_unit, grad_norm, dtype)
-    want_unit, want_norm, want_gradient = unit_rows_reference(weight, grad_unit, grad_norm)
-    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == "float64" else dict(rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(unit, want_unit, **tolerance)
-    np.testing.assert_allclose(norm, want_norm, rtol=1e-12 if dtype == "float64" else 1e-7)
-    assert np.all(norm.dtype == np.float64)
-    assert np.all(gradient[1] == 0)  # the zero row stays where it is (K9)
-    for r in np.flatnonzero(np.asarray(norms) > 0):  # each row at its own scale (|dL/dw| ~ 1 / |w|)
-        scale = float(np.abs(want_gradient[r]).max())
-        np.testing.assert_allclose(gradient[r].astype(np.float64) / scale, want_gradient[r] / scale,
-                                   rtol=1e-6 if dtype == "float64" else 1e-4,
-                                   atol=1e-6 if dtype == "float64" else 1e-4)
+    assert_unit_rows_match(weight, grad_unit, grad_norm,
+                           *compiled_unit_rows(weight, grad_unit, grad_norm, dtype), dtype)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -57,8 +57,8 @@ def settings_kind(settings):
     if isinstance(settings, dict):
         return settings.get("kind", "lsoftmax")
     text = settings.decode() if isinstance(settings, bytes) else settings
-    pairs = dict(pair.split("=", 1) for pair in text.split(";") if "=" in pair)
-    return pairs.get("kind", "lsoftmax") if pairs.get("kind") in KINDS else "lsoftmax"
+    kind = dict(pair.split("=", 1) for pair in text.split(";") if "=" in pair).get("kind")
+    return kind if kind in KINDS else "lsoftmax"
 
 
 class KernelHarness:

@@ -262,6 +262,7 @@ MARGIN_FUNCTION TargetColumn target_column(const Settings& p, double f, double a
       (beta * dz_da + radius * inverse_a * (radius_has_a * value.value - c * value.derivative)) * blend;
   result.p = d_a + (p.normalise_features ? result.output * inverse_a : 0.0);
   // Only raw weights carry b in r and in c; unit rows get their gradient through (K11).
+  // radius * (1 / b), not radius / b: the rounding lsoftmax has always had.
   result.q = p.normalise_weights ? 0.0 : radius * (1.0 / b) * (value.value - c * value.derivative) * blend;
   return result;
 }

@@ -32,7 +32,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <thread>
 #include <sstream>
 #include <string>
