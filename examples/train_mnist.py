@@ -169,15 +169,21 @@ def head_title(arguments):
     return f"{row.title} {' '.join(shown)}"
 
 
-def code_version():
-    """The checkout's commit (with '+changes' when the tree differs), for the --json log; None outside git."""
+def code_version(root=None):
+    """The commit of the checkout at ``root`` (default: this example's), for the --json log, with
+    '+changes' when a tracked file outside docs/ differs from it; None outside git.
+
+    docs/ is left out: it holds the runs' own logs and the documents made from them, which
+    `make results` rewrites between its runs (and a log removed to re-run it is a change there),
+    so counting it would mark every re-run as made by uncommitted code.
+    """
     import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)docs"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+changes" if changed else "")

@@ -83,6 +83,33 @@ def test_results_script_reuses_only_matching_logs(tmp_path, monkeypatch):
     assert trained and "--epochs" in trained[0] and trained[0][trained[0].index("--epochs") + 1] == "20"
 
 
+def test_code_version_marks_changed_code_not_changed_logs(tmp_path):
+    """A log records '+changes' when tracked code differs from the commit; the run logs and
+    documents under docs/ (which `make results` rewrites and removes) and untracked files do not count."""
+    import subprocess
+    code_version = load_example("train_mnist").code_version
+
+    def git(*arguments):
+        subprocess.run(["git", *arguments], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "docs" / "runs").mkdir(parents=True)
+    (tmp_path / "model.py").write_text("margin = 4\n")
+    (tmp_path / "docs" / "runs" / "family_seed0.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "runs")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert code_version(str(tmp_path)) == commit
+
+    (tmp_path / "docs" / "runs" / "family_seed0.json").unlink()  # removed, to run it again
+    (tmp_path / "scratch.py").write_text("untracked\n")
+    assert code_version(str(tmp_path)) == commit
+
+    (tmp_path / "model.py").write_text("margin = 2\n")
+    assert code_version(str(tmp_path)) == commit + "+changes"
+    assert code_version(str(tmp_path / "missing")) is None
+
+
 @pytest.mark.parametrize("loss", ["sphereface", "cosface", "arcface", "combined"])
 def test_every_kind_trains_on_fashion_mnist_and_draws_the_sphere(tmp_path, loss):
     if resolve_directory(None, "fashion-mnist") is None:
