@@ -183,11 +183,17 @@ def accuracy_section(arguments):
 
 def speed_section(arguments):
     backends = ("softmax", "python", "compiled")
-    rows = benchmark.lenet_throughput(backends=backends, run_one=lambda name, argv: run(name, argv, arguments))
+    summaries = []
+
+    def run_one(name, argv):
+        summaries.append(run(name, argv, arguments))
+        return summaries[-1]
+
+    rows = benchmark.lenet_throughput(backends=backends, run_one=run_one)
     return ("## Training throughput, all three backends\n\nLeNet (256-wide embedding), m = 4, beta 100, scale "
             "0.99: samples/s over the second of two epochs of 12800 images (the first pays for graph building), "
             "from each run's --json (`epochs[-1].samples_per_sec`); `make bench` measures the same in "
-            "docs/benchmarks.md.\n\n" + benchmark.lenet_table(rows, backends) + "\n")
+            f"docs/benchmarks.md. {versions(summaries)}\n\n" + benchmark.lenet_table(rows, backends) + "\n")
 
 
 def sphere_section(arguments):
