@@ -249,3 +249,22 @@ def test_family_table_and_findings_from_its_runs(monkeypatch):
     assert "| 1800 (0.90x) |" in text
     assert "- fashion-mnist: softmax 90.00%; above it: lsoftmax m=2 +1.00" in text
     assert "not above it: cosface (paper) -5.00; best: arcface (10-class)." in text
+
+
+def test_throughput_section_from_its_runs(monkeypatch):
+    """docs/results.md's three-backend throughput table from the runs' logs (faked): one run
+    per backend and batch, the ratio to softmax, and the code versions the logs record."""
+    results = load_example("mnist_results")
+    speeds = {"softmax": 2000.0, "python": 1500.0, "compiled": 2200.0}
+    names = []
+
+    def fake_run(name, argv, arguments):
+        names.append(name)
+        backend = name.split("_")[1]
+        return {"test_accuracy": 0.97, "code_version": "old" if backend == "python" else "new",
+                "epochs": [{"samples_per_sec": speeds[backend] / 2}, {"samples_per_sec": speeds[backend]}]}
+    monkeypatch.setattr(results, "run", fake_run)
+    text = results.speed_section(results.argparse.Namespace())
+    assert sorted(names) == sorted(f"speed_{backend}_{batch}" for backend in speeds for batch in (128, 256))
+    assert text.count("| 2000 | 1500 (0.75x) | 2200 (1.10x) | 0.970, 0.970, 0.970 |") == 2
+    assert "Code version of the runs (train_mnist.py's `code_version`): new, old." in text
