@@ -73,11 +73,18 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
             _declare_shape(class_margins, (num_classes,))
     if row.normalise_weights:
         # Unit rows into FullyConnected, their norms into the target op (K11): the whole weight
-        # gradient then comes back through one op, with no (C, D) sum of two terms.
-        unit_rows = getattr(F, COMPILED_NORMALISE_OP)(weight, data, num_hidden=num_classes,
+        # gradient then comes back through one op, with no (C, D) sum of two terms. data only
+        # gives the op its shape, so none of its (zero) gradient joins data's sum.
+        unit_rows = getattr(F, COMPILED_NORMALISE_OP)(weight, F.BlockGrad(data), num_hidden=num_classes,
                                                       name=f"{name}_normalise")
         classifier, weight_input = unit_rows[0], unit_rows[1]
     else:
         classifier, weight_input = weight, weight
     logits = F.FullyConnected(data, classifier, no_bias=True, num_hidden=num_classes, name=f"{name}_fc")
-    return getattr(F, COMPILED_OP)(logits, data, weight_input, label, step, *extra, name=name, **attrs)[0]
+    # data reaches the target op through a copy, whose backward adds the op's data gradient into
+    # data's: lib_api ignores write requests, so a library op asked to add (kAddTo) overwrites.
+    # MXNet asks that of a gradient it sums in place, which bound and static graphs do once a
+    # tensor has 8 or more consumers (MXNET_EXEC_INPLACE_GRAD_SUM_CAP): three weight-normalising
+    # heads on one feature make 9. The copy is (N, D), small beside the layer's (N, C) and (C, D).
+    return getattr(F, COMPILED_OP)(logits, F.identity(data, name=f"{name}_data"), weight_input, label, step,
+                                   *extra, name=name, **attrs)[0]

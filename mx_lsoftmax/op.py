@@ -429,6 +429,19 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             self.assign(in_grad[index], req[index], mx.nd.zeros_like(in_data[index]))
 
 
+def _fits_shape(shape, expected):
+    """Whether an input's shape, as shape inference hands it over, can be ``expected``.
+
+    MXNet passes what it does not know yet as no shape at all, or as sizes of 0 or -1 (a
+    Gluon weight with deferred ``in_units`` behind a layer whose own shape is still
+    deferred arrives as (C, -1)): those are filled in from ``expected``, as FullyConnected
+    fills in its weight; only a known size that differs is an error.
+    """
+    if not shape:
+        return True
+    return len(shape) == len(expected) and all(size <= 0 or size == want for size, want in zip(shape, expected))
+
+
 class MarginSoftmaxProp(mx.operator.CustomOpProp):
     """Shape/type inference and parameter parsing for ``op_type='MarginSoftmax'``.
 
@@ -487,15 +500,15 @@ class MarginSoftmaxProp(mx.operator.CustomOpProp):
             raise ValueError(f"margin softmax input data must be 2-D (N, D), got shape {tuple(data_shape)}")
         n, d = data_shape
         expected_weight = (self.num_classes, d)
-        if weight_shape and tuple(weight_shape) != expected_weight:
+        if not _fits_shape(weight_shape, expected_weight):
             raise ValueError(
                 f"margin softmax input weight must have shape (num_hidden, D) = {expected_weight}, "
                 f"got {tuple(weight_shape)}")
-        if label_shape and tuple(label_shape) != (n,):
+        if not _fits_shape(label_shape, (n,)):
             raise ValueError(f"margin softmax input label must have shape (N,) = ({n},), got {tuple(label_shape)}")
         shapes = [data_shape, expected_weight, (n,)]
         if self._per_class_margin():
-            if in_shape[3] and tuple(in_shape[3]) != (self.num_classes,):
+            if not _fits_shape(in_shape[3], (self.num_classes,)):
                 raise ValueError(f"margin softmax input class_margins must have shape (num_hidden,) = "
                                  f"({self.num_classes},), got {tuple(in_shape[3])}")
             shapes.append((self.num_classes,))

@@ -8,7 +8,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import mx_lsoftmax
-from mx_lsoftmax.gluon import LSoftmaxDense
+from mx_lsoftmax.gluon import LSoftmaxDense, MarginDense
 
 from conftest import angle_clear_inputs, nd
 
@@ -152,3 +152,30 @@ def test_hybridize_defaults_to_static_memory_and_respects_the_caller():
     assert dict(head._flags)["static_alloc"] is True and dict(head._flags)["static_shape"] is True
     head.hybridize(static_alloc=False, static_shape=False)
     assert dict(head._flags)["static_alloc"] is False and dict(head._flags)["static_shape"] is False
+
+
+@pytest.mark.parametrize("kind", ["lsoftmax", "arcface"])
+def test_deferred_shapes_behind_a_deferred_layer(backend, kind):
+    """in_units=0 behind a layer whose own input size is deferred too: MXNet's first shape
+    inference hands the head its weight as (C, unknown), which it completes as FullyConnected does."""
+    class Network(gluon.HybridBlock):
+        def __init__(self):
+            super().__init__()
+            with self.name_scope():
+                self.body = gluon.nn.Dense(5, activation="tanh")
+                self.head = MarginDense(3, kind=kind, backend=backend)
+
+        def hybrid_forward(self, F, x, label):
+            return self.head(self.body(x), label)
+
+    network = Network()
+    network.initialize()
+    network.hybridize()
+    data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=5)
+    with autograd.record():
+        out = network(nd(data, "float32"), nd(label, "float32"))
+    out.backward()
+    assert out.shape == (8, 3)
+    assert network.head.weight.shape == (3, 5)
+    assert np.isfinite(network.head.weight.grad().asnumpy()).all()
+    assert np.abs(network.body.weight.grad().asnumpy()).max() > 0

@@ -1,4 +1,8 @@
 """The schedule advances once per training step in every way of running the layer."""
+import os
+import subprocess
+import sys
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -6,7 +10,7 @@ from mxnet import autograd
 
 import mx_lsoftmax
 from mx_lsoftmax import spec
-from mx_lsoftmax.gluon import LSoftmaxDense
+from mx_lsoftmax.gluon import LSoftmaxDense, MarginDense
 
 from conftest import TOLERANCE, angle_clear_inputs, nd
 
@@ -142,3 +146,118 @@ def test_imperative_calls_keep_their_own_outputs_and_gradients(backend):
     later.backward()
     assert np.array_equal(out_first.asnumpy(), kept_output)
     assert np.array_equal(first.grad.asnumpy(), kept_grad)
+
+
+# Every kind once, all on one feature: the feature's gradient is then a sum over 14 terms (each
+# head's graph reads its input 2 or 3 times), past the 8 at which bound and static graphs sum
+# gradients in place (MXNet asks the last producers to add to the sum, not to write).
+HEADS_ON_ONE_FEATURE = (("lsoftmax", dict(margin=2, beta=1.0)), ("sphereface", dict(margin=2, beta=1.0)),
+                        ("cosface", dict(s=4.0)), ("arcface", dict(s=4.0)), ("combined", dict(s=4.0)))
+
+
+def heads_on_one_feature(backend, mode):
+    """Gradients of the input and of a shared layer (FullyConnected 6 -> 5, tanh) feeding one
+    head of each kind (3 classes), float64, summed heads, a fixed random output gradient."""
+    rng = np.random.default_rng(11)
+    data, body_weight = rng.standard_normal((8, 6)), rng.standard_normal((5, 6))
+    head_weights = [rng.standard_normal((3, 5)) for _ in HEADS_ON_ONE_FEATURE]
+    label, grad_output = rng.integers(0, 3, 8).astype(np.float64), rng.standard_normal((8, 3))
+    if mode == "bound":
+        features = mx.sym.tanh(mx.sym.FullyConnected(mx.sym.var("data"), mx.sym.var("body_weight"), no_bias=True,
+                                                     num_hidden=5))
+        label_variable = mx.sym.var("label")
+        heads = [mx_lsoftmax.margin_logits(features, mx.sym.var(f"head{i}_weight"), label_variable, 3,
+                                           kind=kind, backend=backend, name=f"head{i}", **settings)
+                 for i, (kind, settings) in enumerate(HEADS_ON_ONE_FEATURE)]
+        arrays = dict(data=data, body_weight=body_weight, label=label,
+                      **{f"head{i}_weight": w for i, w in enumerate(head_weights)})
+        executor = mx.sym.add_n(*heads).simple_bind(
+            mx.cpu(), type_dict={name: "float64" for name in arrays},
+            grad_req={name: "null" if name == "label" else "write" for name in arrays},
+            **{name: value.shape for name, value in arrays.items()})
+        for name, value in arrays.items():
+            executor.arg_dict[name][:] = value
+        executor.forward(is_train=True)
+        executor.backward([nd(grad_output)])
+        return executor.grad_dict["data"].asnumpy(), executor.grad_dict["body_weight"].asnumpy()
+
+    class Network(mx.gluon.HybridBlock):
+        def __init__(self):
+            super().__init__()
+            with self.name_scope():
+                self.body = mx.gluon.nn.Dense(5, in_units=6, use_bias=False, activation="tanh", dtype="float64")
+                self.heads = [MarginDense(3, kind=kind, in_units=5, backend=backend, dtype="float64", **settings)
+                              for kind, settings in HEADS_ON_ONE_FEATURE]
+                for head in self.heads:
+                    self.register_child(head)
+
+        def hybrid_forward(self, F, x, label):
+            features = self.body(x)
+            return F.add_n(*[head(features, label) for head in self.heads])
+
+    network = Network()
+    network.initialize()
+    network.body.weight.set_data(nd(body_weight))
+    for head, weight in zip(network.heads, head_weights):
+        head.weight.set_data(nd(weight))
+    if mode == "static":
+        network.hybridize(static_alloc=True, static_shape=True)
+    x = nd(data)
+    x.attach_grad()
+    with autograd.record():
+        out = network(x, nd(label))
+    out.backward(nd(grad_output))
+    return x.grad.asnumpy(), network.body.weight.grad().asnumpy()
+
+
+@pytest.mark.parametrize("mode", ["imperative", "static", "bound"])
+def test_heads_sharing_a_feature_get_its_whole_gradient(backend, mode):
+    """A library op ignores MXNet's request to add its gradient (lib_api passes none): the
+    compiled graph must never be asked (mx_lsoftmax.graph); the Python op honours it."""
+    expected = heads_on_one_feature("python", "imperative")
+    for got, want in zip(heads_on_one_feature(backend, mode), expected):
+        np.testing.assert_allclose(got, want, **TOLERANCE["float64"])
+
+
+SHARED_WEIGHT_GRADIENTS = """
+import sys
+import mxnet as mx, numpy as np
+import mx_lsoftmax
+heads = int(sys.argv[1])
+rng = np.random.default_rng(3)
+arrays = dict(data=rng.standard_normal((8, 5)), weight=rng.standard_normal((3, 5)),
+              label=rng.integers(0, 3, 8).astype(np.float64))
+grad_output = rng.standard_normal((8, 3))
+gradients = {}
+for backend in ("python", "compiled"):
+    data, weight, label = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
+    outputs = [mx_lsoftmax.margin_logits(data * (i + 1), weight, label, 3,
+                                         kind="lsoftmax", margin=2, backend=backend, name=f"head{i}")
+               for i in range(heads)]
+    executor = mx.sym.add_n(*outputs).simple_bind(
+        mx.cpu(), type_dict={name: "float64" for name in arrays},
+        grad_req=dict(data="write", weight="write", label="null"),
+        **{name: value.shape for name, value in arrays.items()})
+    for name, value in arrays.items():
+        executor.arg_dict[name][:] = value
+    executor.forward(is_train=True)
+    executor.backward([mx.nd.array(grad_output, dtype="float64")])
+    gradients[backend] = executor.grad_dict["weight"].asnumpy()
+print(np.abs(gradients["compiled"] - gradients["python"]).max() / np.abs(gradients["python"]).max())
+"""
+
+
+@pytest.mark.parametrize("backend", ["compiled"], indirect=True)
+def test_a_weight_shared_by_many_heads_needs_the_sum_cap_raised(backend):
+    """The limit README states: four lsoftmax heads on one weight make 8 readers of it, and the
+    compiled op's weight gradient is then overwritten in MXNet's in-place sum; with
+    MXNET_EXEC_INPLACE_GRAD_SUM_CAP above the readers MXNet sums out of place and it is exact."""
+    def relative_error(heads, **environment):
+        result = subprocess.run([sys.executable, "-c", SHARED_WEIGHT_GRADIENTS, str(heads)], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, **environment})
+        assert result.returncode == 0, result.stderr
+        return float(result.stdout.split()[-1])
+
+    assert relative_error(3) < 1e-12  # 6 readers: summed out of place
+    assert relative_error(4) > 0.1  # 8 readers: wrong, as README says
+    assert relative_error(4, MXNET_EXEC_INPLACE_GRAD_SUM_CAP="100") < 1e-12
