@@ -129,7 +129,7 @@ def check_inputs(data, weight, label, num_classes):
 
 
 def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="auto", step=None,
-                  name=None, class_margins=None, **settings):
+                  name=None, class_margins=None, weight_grad_req="write", **settings):
     """Margin-softmax logits of any kind, for NDArrays or Symbols.
 
     Parameters
@@ -150,6 +150,11 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     class_margins : NDArray or Symbol (C,), dtype of data: the margin of each class (K10),
         for kinds that take per-class margins (cosface; LDAM's margins, see ``ldam_margins``);
         replaces the ``margin`` setting. Default None: one margin for every class.
+    weight_grad_req : 'write' (default) or 'add': 'add' where the weight's gradient is summed
+        into rather than written, as MXNet's grad_req 'add' does (gradient accumulation), or
+        where several heads share the weight. The compiled layer then reads the weight through
+        a copy, whose backward adds: a library op cannot add (lib_api passes it no request),
+        and MXNet would ask the layer's op to. Gluon blocks pass their weight's ``grad_req``.
     **settings : the kind's settings (``mx_lsoftmax.kinds.SETTINGS``; defaults per kind in
         ``mx_lsoftmax.kinds.KINDS``): margin, s, easy_margin, m1, m2, m3, and the schedule
         beta, beta_min, scale, gamma, power. A setting the kind does not take is an error.
@@ -168,6 +173,8 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     fast as a bound executor on MXNet 1.9.1's unpooled CPU memory.
     """
     num_classes = check_num_classes(num_hidden)
+    if weight_grad_req not in ("write", "add"):
+        raise ValueError(f"margin softmax parameter weight_grad_req must be 'write' or 'add', got {weight_grad_req!r}")
     parsed = margin_settings(kind, settings, class_margins is not None, "input")
     backend = resolve_backend(backend)
     name = name or kind
@@ -175,7 +182,7 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
         if step is None:
             step = mx.sym.Variable(f"{name}_step", shape=(1,), init=mx.init.Zero())
         return graph.build(mx.sym, data, weight, label, step, num_classes, parsed, backend, name,
-                           class_margins)
+                           class_margins, weight_grad_req)
     if not mx.autograd.is_training():
         _check_arrays(data, weight, None, num_classes)
         return graph.build(mx.nd, data, weight, None, None, num_classes, parsed, backend, name)
@@ -191,12 +198,12 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
         return graph.build(mx.nd, data, weight, label, step, num_classes, parsed, backend, name,
                            class_margins)
     cached = _static_graph(num_classes, parsed, data.shape, np.dtype(data.dtype).name,
-                           np.dtype(label.dtype).name, data.context)
+                           np.dtype(label.dtype).name, data.context, weight_grad_req)
     return cached(data, weight, label, step, *([] if class_margins is None else [class_margins]))
 
 
 def lsoftmax(data, weight, label, num_hidden, margin=2, beta=0.0, beta_min=0.0, scale=1.0,
-             gamma=0.0, power=1.0, backend="auto", step=None, name=None):
+             gamma=0.0, power=1.0, backend="auto", step=None, name=None, weight_grad_req="write"):
     """Large-Margin Softmax logits (Liu et al., ICML 2016): ``margin_logits`` with kind 'lsoftmax'.
 
     margin : int >= 1, the angular margin m. Default 2.
@@ -206,12 +213,12 @@ def lsoftmax(data, weight, label, num_hidden, margin=2, beta=0.0, beta_min=0.0, 
     The rest as ``margin_logits``; ``name`` defaults to 'lsoftmax'.
     """
     return margin_logits(data, weight, label, num_hidden, "lsoftmax", backend=backend, step=step,
-                         name=name, margin=margin, beta=beta, beta_min=beta_min, scale=scale,
-                         gamma=gamma, power=power)
+                         name=name, weight_grad_req=weight_grad_req, margin=margin, beta=beta,
+                         beta_min=beta_min, scale=scale, gamma=gamma, power=power)
 
 
 @functools.lru_cache(maxsize=4)
-def _static_graph(num_classes, settings, data_shape, dtype, label_dtype, context):
+def _static_graph(num_classes, settings, data_shape, dtype, label_dtype, context, weight_grad_req):
     """The compiled layer as a CachedOp with static memory, one per shape and setting.
 
     Called op by op, FullyConnected and the library op would get fresh buffers
@@ -226,7 +233,8 @@ def _static_graph(num_classes, settings, data_shape, dtype, label_dtype, context
     """
     inputs = [mx.sym.var(name) for name in ("data", "weight", "label", "step")]
     class_margins = mx.sym.var("class_margins") if settings.values.get("per_class_margin") else None
-    symbol = graph.build(mx.sym, *inputs, num_classes, settings, "compiled", settings.kind, class_margins)
+    symbol = graph.build(mx.sym, *inputs, num_classes, settings, "compiled", settings.kind, class_margins,
+                         weight_grad_req)
     return mx.nd.CachedOp(symbol, flags=[("static_alloc", True), ("static_shape", True)])
 
 

@@ -57,6 +57,8 @@ class MarginDense(HybridBlock):
     ``step`` (1,), the training steps taken so far (not trained, grad_req 'null'),
     so that ``save_parameters``/``load_parameters`` resume the schedule exactly.
     Each device copy advances its own ``step``; all copies take the same steps.
+    ``weight.grad_req`` 'add' (gradient accumulation) is passed on to the layer
+    (``margin_logits``'s ``weight_grad_req``) whenever the block builds its graph.
     With ``class_margins``, a constant parameter ``class_margins`` (units,) holds them.
     """
 
@@ -113,6 +115,10 @@ class MarginDense(HybridBlock):
                     parameter._finish_deferred_init()
             return graph.build(mx.nd, x, self.weight.data(x.context), None, None, self._units,
                                self.settings, self.backend, self.name)
+        if getattr(self, "_graph_weight_grad_req", None) not in (None, self._weight_grad_req()):
+            # The weight's grad_req changed since this block's graph was built, and the compiled
+            # graph depends on it (margin_logits, weight_grad_req): build it again.
+            self._clear_cached_op()
         return super().forward(x, label)
 
     def hybridize(self, active=True, static_alloc=None, static_shape=None, **kwargs):
@@ -130,12 +136,22 @@ class MarginDense(HybridBlock):
     def infer_shape(self, x, label=None, *args):
         self.weight.shape = (self._units, x.shape[1])
 
+    def _weight_grad_req(self):
+        return "add" if self.weight.grad_req == "add" else "write"
+
+    def _clear_cached_op(self):
+        super()._clear_cached_op()
+        self._graph_weight_grad_req = None
+
     def hybrid_forward(self, F, x, label=None, weight=None, step=None, class_margins=None):
         if F is mx.nd and label is not None:  # not hybridized: the entry point and its cached graph
             return margin_logits(x, weight, label, self._units, self.settings.kind, backend=self.backend,
-                                 step=step, class_margins=class_margins, **self.settings.as_dict())
+                                 step=step, class_margins=class_margins, weight_grad_req=self._weight_grad_req(),
+                                 **self.settings.as_dict())
+        if label is not None:
+            self._graph_weight_grad_req = self._weight_grad_req()
         return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd",
-                           class_margins)
+                           class_margins, self._weight_grad_req())
 
     def export(self, path, epoch=0):
         """Write the inference graph (the kind's plain logits, input ``data``) for

@@ -5,6 +5,8 @@ hybridized forward, ``export``, the compiled backend's cached graph) and
 ``F = mx.nd`` (imperative calls). Every caller goes through it, so the
 training graph and the plain graph of a kind are written once.
 """
+import itertools
+
 import mxnet as mx
 
 from .kinds import MarginSettings
@@ -31,6 +33,24 @@ def _normalised_rows(F, rows, scale=None):
     return F.elemwise_mul(rows, F.broadcast_like(inverse, rows))
 
 
+# Makes every copy of _adding_copy distinct (see there).
+_COPY_NUMBERS = itertools.count()
+
+
+def _adding_copy(F, array, name):
+    """A copy of ``array`` to give a library op, so that MXNet adds the op's gradient into
+    ``array``'s through the copy's backward (a stock op that honours add requests): lib_api
+    passes a library op no write/add request, and one asked to add would overwrite.
+
+    Each copy gets an attribute of its own: MXNet 1.9.1 merges equal nodes on equal inputs
+    (its common-expression pass), and copies of one array for several heads would become one
+    copy read by all their ops, back in the sum that the copies are there to keep them out of.
+    """
+    if F is mx.sym:
+        return F.identity(array, name=name, attr={"__mx_lsoftmax_copy__": str(next(_COPY_NUMBERS))})
+    return F.identity(array)
+
+
 def _declare_shape(symbol, shape):
     """Give a variable declared without a shape the one the layer implies (0: any size).
 
@@ -44,13 +64,15 @@ def _declare_shape(symbol, shape):
         symbol._set_attr(__shape__=str(shape))
 
 
-def build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins=None):
+def build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins=None,
+          weight_grad_req="write"):
     """The layer's output (N, C).
 
     label None: the plain logits of the kind (K2), stock operators only.
     Otherwise the training output (K3) of ``backend`` ('python' or 'compiled'),
     advancing ``step`` (the schedule's auxiliary state); ``class_margins`` (C,) is
-    the extra input of settings with ``per_class_margin`` (K10).
+    the extra input of settings with ``per_class_margin`` (K10). ``weight_grad_req`` 'add':
+    the compiled graph reads the weight through a copy (``margin_logits``).
     """
     if not isinstance(settings, MarginSettings):
         raise TypeError("settings must be a MarginSettings")
@@ -71,6 +93,12 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
         _declare_shape(weight, (num_classes, 0))
         if class_margins is not None:
             _declare_shape(class_margins, (num_classes,))
+    if weight_grad_req == "add":
+        # A (C, D) copy each way, paid only when asked for: MXNet would ask a library op that
+        # reads the weight to add its gradient (the normalise op, the weight's only reader where
+        # the kind normalises weights, under grad_req 'add'; any reader of a weight shared by
+        # enough heads), and a library op cannot (see data below).
+        weight = _adding_copy(F, weight, f"{name}_weight")
     if row.normalise_weights:
         # Unit rows into FullyConnected, their norms into the target op (K11): the whole weight
         # gradient then comes back through one op, with no (C, D) sum of two terms. data only
@@ -81,10 +109,9 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
     else:
         classifier, weight_input = weight, weight
     logits = F.FullyConnected(data, classifier, no_bias=True, num_hidden=num_classes, name=f"{name}_fc")
-    # data reaches the target op through a copy, whose backward adds the op's data gradient into
-    # data's: lib_api ignores write requests, so a library op asked to add (kAddTo) overwrites.
-    # MXNet asks that of a gradient it sums in place, which bound and static graphs do once a
-    # tensor has 8 or more consumers (MXNET_EXEC_INPLACE_GRAD_SUM_CAP): three weight-normalising
-    # heads on one feature make 9. The copy is (N, D), small beside the layer's (N, C) and (C, D).
-    return getattr(F, COMPILED_OP)(logits, F.identity(data, name=f"{name}_data"), weight_input, label, step,
+    # data always reaches the target op through a copy: MXNet asks the last readers of a gradient
+    # it sums in place to add theirs, which bound and static graphs do once 8 or more operators
+    # read a tensor (MXNET_EXEC_INPLACE_GRAD_SUM_CAP; three weight-normalising heads on one feature
+    # make 9). The copy is (N, D), small beside the layer's (N, C) and (C, D) arrays.
+    return getattr(F, COMPILED_OP)(logits, _adding_copy(F, data, f"{name}_data"), weight_input, label, step,
                                    *extra, name=name, **attrs)[0]

@@ -45,6 +45,7 @@ def assert_still_working():
     (dict(label=np.array([0, 1])), "label must have shape (N,) = (4,), got (2,)"),
     (dict(num_hidden=0), "num_hidden must be a positive integer, got 0"),
     (dict(backend_override="gpu"), "backend must be one of"),
+    (dict(weight_grad_req="null"), "weight_grad_req must be 'write' or 'add', got 'null'"),
 ])
 def test_entry_point_rejects_bad_input(backend, settings, message):
     settings = dict(settings)
