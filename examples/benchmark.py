@@ -63,12 +63,14 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bind_graph(graph, rows, dims, classes, dtype, arrays):
-    """forward+backward of ``graph`` bound once (simple_bind, as Module binds: static memory)."""
+def bind_graph(graph, rows, dims, classes, dtype, arrays, weight_grad_req="write"):
+    """forward+backward of ``graph`` bound once (simple_bind, as Module binds: static memory);
+    the weight's gradient written, or added to with ``weight_grad_req`` 'add'."""
     shapes = {"data": (rows, dims), "weight": (classes, dims)}
     if "label" in graph.list_arguments():
         shapes["label"] = (rows,)
     requests = {name: "null" if name == "label" else "write" for name in graph.list_arguments()}
+    requests["weight"] = weight_grad_req
     executor = graph.simple_bind(mx.cpu(), grad_req=requests, type_dict={name: dtype for name in shapes},
                                  **shapes)
     for name, value in arrays.items():
@@ -80,6 +82,7 @@ def bind_graph(graph, rows, dims, classes, dtype, arrays):
         executor.forward(is_train=True)
         executor.backward([head])
         mx.nd.waitall()
+    run.executor = executor
     return run
 
 
@@ -166,9 +169,17 @@ def insightface_symbol(kind, data, weight, label, classes, settings, dtype="floa
     return logits + mx.sym.broadcast_mul(mx.sym.one_hot(label, depth=classes, dtype=dtype), difference)
 
 
+# A backend name with this suffix: the backend with the weight's gradient added to (grad_req
+# 'add' and the layer's weight_grad_req 'add'), as gradient accumulation runs it.
+ADDING = " +add"
+
+
 def kind_runner(kind, backend, rows, dims, classes, dtype, arrays):
     """A bound forward+backward (static memory, as Module) of one kind and backend;
-    backend 'stock' is ``insightface_symbol``, 'softmax' the plain FullyConnected."""
+    backend 'stock' is ``insightface_symbol``, 'softmax' the plain FullyConnected, and a
+    backend named with ``ADDING`` adds to the weight's gradient."""
+    weight_grad_req = "add" if backend.endswith(ADDING) else "write"
+    backend = backend[:-len(ADDING)] if backend.endswith(ADDING) else backend
     data, weight, label = mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label")
     settings = mx_lsoftmax.MarginSettings(kind)
     if backend == "softmax":
@@ -176,8 +187,9 @@ def kind_runner(kind, backend, rows, dims, classes, dtype, arrays):
     elif backend == "stock":
         graph = insightface_symbol(kind, data, weight, label, classes, settings, dtype)
     else:
-        graph = mx_lsoftmax.margin_logits(data, weight, label, classes, kind, backend=backend)
-    return bind_graph(graph, rows, dims, classes, dtype, arrays)
+        graph = mx_lsoftmax.margin_logits(data, weight, label, classes, kind, backend=backend,
+                                          weight_grad_req=weight_grad_req)
+    return bind_graph(graph, rows, dims, classes, dtype, arrays, weight_grad_req)
 
 
 def scale_point(backend, rows, dims, classes, kind="arcface", steps=3):
@@ -457,6 +469,9 @@ def main(argv=None):
                         help="ways of running the layer (see the module docstring)")
     parser.add_argument("--backends", nargs="+", default=None, choices=["python", "compiled"],
                         help="default: python, and compiled when built")
+    parser.add_argument("--weight-grad-req", choices=["write", "both"], default="write",
+                        help="kinds section: 'both' times each backend also with the weight's gradient "
+                             f"added to (grad_req 'add', weight_grad_req 'add'), as backend name + '{ADDING}'")
     parser.add_argument("--rounds", type=positive_int, default=9, help="alternating rounds per shape (median)")
     parser.add_argument("--margin", type=positive_int, default=4, help="L-Softmax margin of the layer table")
     parser.add_argument("--beta", type=non_negative_float, default=1.0, help="L-Softmax beta of the layer table")
@@ -531,7 +546,9 @@ hybridized without static memory (see [performance.md](performance.md)).
         results = []
         for shape in kind_shapes:
             rounds = max(5, arguments.rounds // 2) if shape[2] >= 100000 else arguments.rounds
-            results += measure_kinds(shape, "float32", arguments.kinds, backends, rounds)
+            kind_backends = backends + ([name + ADDING for name in backends]
+                                        if arguments.weight_grad_req == "both" else [])
+            results += measure_kinds(shape, "float32", arguments.kinds, kind_backends, rounds)
         raw["kinds"] = results
         sections.append(f"""## Every kind against FullyConnected and against stock MXNet operators
 
@@ -543,7 +560,7 @@ L2Normalization of x (times s) and of W, FullyConnected, pick, sqrt / arccos, wh
 (`insightface_symbol` in examples/benchmark.py; its output equals the layer's, see
 tests/test_lsoftmax_benchmark.py).
 
-{kinds_table(results, backends)}
+{kinds_table(results, kind_backends)}
 """)
 
     if "lenet" in arguments.parts:

@@ -7,8 +7,11 @@ import json
 import sys
 import types
 
+import mxnet as mx
+import numpy as np
 import pytest
 
+import mx_lsoftmax
 from mx_lsoftmax.support import cuda_harness, environment
 
 from conftest import load_example
@@ -133,3 +136,21 @@ def test_kinds_section_on_a_tiny_shape(tmp_path):
         kinds["arcface"]["ms"]["stock"] / kinds["arcface"]["ms"]["softmax"])
     text = (tmp_path / "k.md").read_text()
     assert "| 16x8x5 | arcface |" in text and "| 16x8x5 | lsoftmax |" in text
+
+
+def test_kinds_section_times_an_added_weight_gradient_too(tmp_path):
+    benchmark = load_example("benchmark")
+    raw = benchmark.main(["--parts", "kinds", "--kind-shapes", "16x8x5", "--kinds", "arcface", "--rounds", "2",
+                          "--backends", "python", "--weight-grad-req", "both", "--write", str(tmp_path / "k.md")])
+    arcface = raw["kinds"][0]
+    assert set(arcface["ratio"]) == {"python", "python +add", "stock"}
+    assert "| python +add ms (ratio) |" in (tmp_path / "k.md").read_text()
+    # The runner of a "+add" name binds the weight's gradient to be added to.
+    arrays = benchmark.random_arrays((16, 8, 5), "float32")
+    graph = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 5, "arcface",
+                                      backend="python")
+    run = benchmark.bind_graph(graph, 16, 8, 5, "float32", arrays, "add")
+    run()
+    first = run.executor.grad_dict["weight"].asnumpy().copy()
+    run()
+    np.testing.assert_allclose(run.executor.grad_dict["weight"].asnumpy(), 2 * first, rtol=1e-5, atol=1e-6)
