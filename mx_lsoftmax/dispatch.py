@@ -174,7 +174,8 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     """
     num_classes = check_num_classes(num_hidden)
     if weight_grad_req not in ("write", "add"):
-        raise ValueError(f"margin softmax parameter weight_grad_req must be 'write' or 'add', got {weight_grad_req!r}")
+        raise ValueError(f"margin softmax parameter weight_grad_req must be 'write' or 'add', "
+                         f"got {weight_grad_req!r}")
     parsed = margin_settings(kind, settings, class_margins is not None, "input")
     backend = resolve_backend(backend)
     name = name or kind

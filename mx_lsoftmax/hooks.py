@@ -1,4 +1,4 @@
-"""Two small adaptations of MXNet 1.9.1 that the Python CustomOp needs.
+"""Three small adaptations of MXNet 1.9.1 that the Python CustomOp needs.
 
 Both are installed once, on import, and change nothing for code that does not
 meet the margin ops.
@@ -16,7 +16,16 @@ meet the margin ops.
    The op records its own message (:func:`relay_errors`) and MXNet's error factory
    puts it at the head of that MXNetError, so ``str(error)`` names the input and the
    value in a Module or a hybridized block just as in an imperative call.
+
+3. A clean exit. MXNet's own exit handler (``MXNotifyShutdown``) stops the custom-op
+   worker threads and then waits for the engine; a CustomOp callback that is still
+   running then, and waits on the engine itself (this op reads labels, norms and the
+   target column on the host), makes it abort ("terminate called without an active
+   exception") or hang. A script that ends right after ``backward()`` met that every
+   time. An exit handler registered after MXNet's, so run before it, waits for all
+   pending work first.
 """
+import atexit
 import functools
 import threading
 
@@ -98,7 +107,17 @@ def _zero_initialise_schedule_steps():
     mx.init.Initializer._init_default = _init_default
 
 
+def _finish_pending_work_at_exit():
+    if getattr(_finish_pending_work_at_exit, "registered", False):
+        return
+    # atexit runs its handlers last registered first: MXNet registered its shutdown when
+    # it was imported, before this package could be.
+    atexit.register(mx.nd.waitall)
+    _finish_pending_work_at_exit.registered = True
+
+
 def install():
-    """Install both adaptations (idempotent)."""
+    """Install the three adaptations (idempotent)."""
     _zero_initialise_schedule_steps()
     _relay_into_mxnet_errors()
+    _finish_pending_work_at_exit()

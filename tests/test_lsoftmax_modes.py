@@ -380,3 +380,28 @@ def test_a_gluon_block_called_by_several_heads(backend, kind, calls):
         out.backward()
         gradients[name] = network.head.weight.grad().asnumpy()
     np.testing.assert_allclose(gradients[backend], gradients["python"], **TOLERANCE["float64"])
+
+
+ENDS_AFTER_BACKWARD = """
+import sys
+import mxnet as mx
+from mxnet import autograd
+import mx_lsoftmax
+x, w, y = mx.nd.random.normal(shape=(4, 3)), mx.nd.random.normal(shape=(5, 3)), mx.nd.array([0, 1, 2, 3])
+for _ in range(2):
+    w.attach_grad()
+    with autograd.record():
+        out = mx_lsoftmax.margin_logits(x, w, y, 5, "arcface", backend=sys.argv[1], s=4)
+    out.backward()
+print("ends without waiting for the backward")
+"""
+
+
+def test_a_script_ending_right_after_backward_exits_cleanly(backend):
+    """MXNet's exit handler aborted ('terminate called without an active exception') or hung
+    while the Python op's backward was still running (mx_lsoftmax.hooks, third adaptation)."""
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", ENDS_AFTER_BACKWARD, backend], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "ends without waiting" in result.stdout
