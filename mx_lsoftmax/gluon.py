@@ -73,6 +73,7 @@ class MarginDense(HybridBlock):
         self._in_units = in_units
         self.settings = margin_settings(kind, settings, class_margins is not None, "parameter")
         self.backend = resolve_backend(backend)
+        self._graph_weight_grad_req = None  # the weight_grad_req of the cached training graph
         with self.name_scope():
             self.weight = self.params.get("weight", shape=(units, in_units), dtype=dtype,
                                           init=weight_initializer, allow_deferred_init=True)
@@ -115,7 +116,7 @@ class MarginDense(HybridBlock):
                     parameter._finish_deferred_init()
             return graph.build(mx.nd, x, self.weight.data(x.context), None, None, self._units,
                                self.settings, self.backend, self.name)
-        if getattr(self, "_graph_weight_grad_req", None) not in (None, self._weight_grad_req()):
+        if self._graph_weight_grad_req not in (None, self._weight_grad_req()):
             # The weight's grad_req changed since this block's graph was built, and the compiled
             # graph depends on it (margin_logits, weight_grad_req): build it again.
             self._clear_cached_op()
@@ -144,14 +145,15 @@ class MarginDense(HybridBlock):
         self._graph_weight_grad_req = None
 
     def hybrid_forward(self, F, x, label=None, weight=None, step=None, class_margins=None):
+        weight_grad_req = self._weight_grad_req()
         if F is mx.nd and label is not None:  # not hybridized: the entry point and its cached graph
             return margin_logits(x, weight, label, self._units, self.settings.kind, backend=self.backend,
-                                 step=step, class_margins=class_margins, weight_grad_req=self._weight_grad_req(),
+                                 step=step, class_margins=class_margins, weight_grad_req=weight_grad_req,
                                  **self.settings.as_dict())
         if label is not None:
-            self._graph_weight_grad_req = self._weight_grad_req()
+            self._graph_weight_grad_req = weight_grad_req
         return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd",
-                           class_margins, self._weight_grad_req())
+                           class_margins, weight_grad_req)
 
     def export(self, path, epoch=0):
         """Write the inference graph (the kind's plain logits, input ``data``) for

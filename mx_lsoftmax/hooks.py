@@ -1,6 +1,6 @@
 """Three small adaptations of MXNet 1.9.1 that the Python CustomOp needs.
 
-Both are installed once, on import, and change nothing for code that does not
+All three are installed once, on import, and change nothing for code that does not
 meet the margin ops.
 
 1. Schedule state under any initializer. ``mx.sym.Custom(..., op_type='MarginSoftmax')``

@@ -158,6 +158,16 @@ KIND_SETTINGS = (("lsoftmax", dict(margin=2, beta=1.0)), ("sphereface", dict(mar
 HEADS_ON_ONE_FEATURE = KIND_SETTINGS * 2
 
 
+def bound_float64(symbol, arrays, grad_req):
+    """``symbol`` bound (simple_bind, as Module binds) in float64 with ``arrays`` (name: host
+    array) as its arguments and ``grad_req`` per argument; the executor."""
+    executor = symbol.simple_bind(mx.cpu(), type_dict={name: "float64" for name in arrays}, grad_req=grad_req,
+                                  **{name: value.shape for name, value in arrays.items()})
+    for name, value in arrays.items():
+        executor.arg_dict[name][:] = value
+    return executor
+
+
 def heads_on_one_feature(backend, mode):
     """Gradients of the input and of a shared layer (FullyConnected 6 -> 5, tanh) feeding one
     head of each kind (3 classes), float64, summed heads, a fixed random output gradient."""
@@ -174,12 +184,8 @@ def heads_on_one_feature(backend, mode):
                  for i, (kind, settings) in enumerate(HEADS_ON_ONE_FEATURE)]
         arrays = dict(data=data, body_weight=body_weight, label=label,
                       **{f"head{i}_weight": w for i, w in enumerate(head_weights)})
-        executor = mx.sym.add_n(*heads).simple_bind(
-            mx.cpu(), type_dict={name: "float64" for name in arrays},
-            grad_req={name: "null" if name == "label" else "write" for name in arrays},
-            **{name: value.shape for name, value in arrays.items()})
-        for name, value in arrays.items():
-            executor.arg_dict[name][:] = value
+        executor = bound_float64(mx.sym.add_n(*heads), arrays,
+                                 {name: "null" if name == "label" else "write" for name in arrays})
         executor.forward(is_train=True)
         executor.backward([nd(grad_output)])
         return executor.grad_dict["data"].asnumpy(), executor.grad_dict["body_weight"].asnumpy()
@@ -298,10 +304,9 @@ def accumulated_weight_gradient(kind, settings, backend, mode):
     if mode == "module":
         symbol = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 3, kind,
                                            backend=backend, name="head", weight_grad_req="add", **settings)
-        executor = symbol.simple_bind(mx.cpu(), data=(8, 5), weight=(3, 5), label=(8,),
-                                      type_dict=dict(data="float64", weight="float64", label="float64"),
-                                      grad_req=dict(data="write", weight="add", label="null"))
-        executor.arg_dict["weight"][:] = weight
+        data, label, _ = batches[0]
+        executor = bound_float64(symbol, dict(data=data, weight=weight, label=label),
+                                 dict(data="write", weight="add", label="null"))
         executor.grad_dict["weight"][:] = 0
         for data, label, grad_output in batches:
             executor.arg_dict["data"][:] = data
@@ -366,12 +371,12 @@ def test_a_gluon_block_called_by_several_heads(backend, kind, calls):
         def hybrid_forward(self, F, x, label):
             return F.add_n(*[self.head(x * (i + 1), label) for i in range(calls)])
 
+    weight = rng.standard_normal((3, 5))
     gradients = {}
     for name in ("python", backend):
         network = Network(name)
         network.initialize()
-        network.head.weight.set_data(nd(rng.standard_normal((3, 5)) if not gradients else weight))
-        weight = network.head.weight.data().asnumpy()
+        network.head.weight.set_data(nd(weight))
         network.head.weight.grad_req = "add"
         network.hybridize(static_alloc=True, static_shape=True)
         network.head.weight.zero_grad()
