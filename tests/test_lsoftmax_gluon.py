@@ -179,3 +179,58 @@ def test_deferred_shapes_behind_a_deferred_layer(backend, kind):
     assert network.head.weight.shape == (3, 5)
     assert np.isfinite(network.head.weight.grad().asnumpy()).all()
     assert np.abs(network.body.weight.grad().asnumpy()).max() > 0
+
+
+RELOAD_WITHOUT_MX_LSOFTMAX = """
+import sys, numpy as np, mxnet as mx
+net = mx.gluon.SymbolBlock.imports(sys.argv[1] + '-symbol.json', ['data'], sys.argv[1] + '-0000.params')
+np.save(sys.argv[1] + '-out.npy', net(mx.nd.array(np.load(sys.argv[2]))).asnumpy())
+assert 'mx_lsoftmax' not in sys.modules
+"""
+
+
+@pytest.mark.parametrize("kind", ["lsoftmax", "arcface"])
+def test_a_parent_network_predicts_and_exports_after_training(backend, kind, tmp_path):
+    """A head inside a hybridized network that trains with (x, label): MXNet fixes a cached
+    graph's inputs at its first call, so the network predicts and exports with x alone after
+    ``hybridize()`` again (README); that graph is the kind's plain one, of stock operators."""
+    class Network(gluon.HybridBlock):
+        def __init__(self):
+            super().__init__()
+            with self.name_scope():
+                self.body = gluon.nn.Dense(5, activation="tanh")
+                self.head = MarginDense(3, kind=kind, backend=backend, **({"s": 4.0} if kind == "arcface" else {}))
+
+        def hybrid_forward(self, F, x, label=None):
+            return self.head(self.body(x), label)
+
+    network = Network()
+    network.initialize(mx.init.Xavier())
+    network.hybridize()
+    data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=6)
+    x, y = nd(data, "float32"), nd(label, "float32")
+    trainer = gluon.Trainer(network.collect_params(), "sgd", {"learning_rate": 0.1})
+    for _ in range(2):
+        with autograd.record():
+            loss = gluon.loss.SoftmaxCrossEntropyLoss()(network(x, y), y)
+        loss.backward()
+        trainer.step(8)
+    with pytest.raises(ValueError, match="argument structure"):  # MXNet's rule, not the head's
+        network(x)
+    expected = network.head(network.body(x)).asnumpy()  # the head's plain path, outside any cached graph
+
+    network.hybridize()
+    np.testing.assert_allclose(network(x).asnumpy(), expected, rtol=1e-6, atol=1e-6)
+    network.export(str(tmp_path / "network"))
+    np.save(tmp_path / "data.npy", data.astype("float32"))
+    result = subprocess.run([sys.executable, "-c", RELOAD_WITHOUT_MX_LSOFTMAX, str(tmp_path / "network"),
+                             str(tmp_path / "data.npy")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "network-out.npy"), expected, rtol=1e-6, atol=1e-6)
+
+    network.hybridize()  # and back to training, the schedule where it was
+    with autograd.record():
+        out = network(x, y)
+    out.backward()
+    assert network.head.step.data().asscalar() == 3
+    assert np.isfinite(network.head.weight.grad().asnumpy()).all()
