@@ -122,10 +122,11 @@ def ldam_margins(class_counts, max_margin=0.5):
 
 
 def check_inputs(data, weight, label, num_classes):
-    """Shapes, dtypes and labels of a training call (weight None: not known yet); ValueError
-    naming the input and the value. Reads the labels on the host once."""
+    """Shapes, dtypes and labels of a call (weight None: not known yet; label None: a plain
+    call, nothing to check); ValueError naming the input and the value. Reads the labels on
+    the host once and returns them (int64), or None without labels."""
     _check_arrays(data, weight, label, num_classes)
-    return check_labels(label, num_classes)
+    return None if label is None else check_labels(label, num_classes)
 
 
 def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="auto", step=None,
@@ -185,7 +186,7 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
         return graph.build(mx.sym, data, weight, label, step, num_classes, parsed, backend, name,
                            class_margins, weight_grad_req)
     if not mx.autograd.is_training():
-        _check_arrays(data, weight, None, num_classes)
+        check_inputs(data, weight, None, num_classes)
         return graph.build(mx.nd, data, weight, None, None, num_classes, parsed, backend, name)
     check_inputs(data, weight, label, num_classes)
     if class_margins is not None:

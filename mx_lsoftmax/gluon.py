@@ -9,7 +9,7 @@ from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
 from . import graph
-from .dispatch import (check_batch, check_class_margins, check_inputs, check_num_classes, ldam_margins,
+from .dispatch import (check_class_margins, check_inputs, check_num_classes, ldam_margins,
                        margin_logits, margin_settings, resolve_backend)
 from .kinds import KINDS, SETTINGS
 
@@ -103,10 +103,11 @@ class MarginDense(HybridBlock):
         if isinstance(x, mx.nd.NDArray):
             # Before the cached graph: an error raised inside a Python CustomOp reaches the
             # caller as an opaque MXNetError, so inputs are checked here, naming input and value.
-            check_batch(x)
-            if not plain and self._active:  # unhybridized calls are checked by margin_logits
+            # Plain calls too: they hold the training calls' rules (a (N, D) batch of the
+            # weight's dtype), though their FullyConnected alone would flatten other shapes.
+            if plain or self._active:  # unhybridized training calls are checked by margin_logits
                 check_inputs(x, None if self.weight._deferred_init else self.weight.data(x.context),
-                             label, self._units)
+                             None if plain else label, self._units)
         if plain and isinstance(x, mx.nd.NDArray):
             # Outside the cached graph: a cached graph keeps one argument
             # structure, and inference needs neither the label nor the op.

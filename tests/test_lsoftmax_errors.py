@@ -161,6 +161,31 @@ def test_hybridized_block_errors_name_the_input(backend, settings, message):
     assert_still_working()
 
 
+@pytest.mark.parametrize("data, message", [
+    (np.ones((4, 3, 1)), "data must be 2-D (N, D), got shape (4, 3, 1)"),
+    (np.ones((4, 2)), "weight must have shape (num_hidden, D) = (5, 2), got (5, 3)"),
+    (np.ones((4, 3), dtype=np.float64), "weight must have the dtype of data (float64), got float32"),
+], ids=["3-D", "width", "dtype"])
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_plain_calls_hold_the_training_calls_input_rules(backend, hybridize, data, message):
+    """A prediction call refuses what a training call refuses, in the block and the entry point:
+    FullyConnected alone would flatten a (4, 3, 1) batch into logits the layer never trained."""
+    from mx_lsoftmax.gluon import CosFaceDense
+    block = CosFaceDense(5, in_units=3, backend=backend)
+    block.initialize()
+    if hybridize:
+        block.hybridize()
+    array = mx.nd.array(data, dtype=data.dtype)
+    with pytest.raises(ValueError) as error:
+        block(array)
+    assert message in str(error.value)
+    with pytest.raises(ValueError) as error:
+        mx_lsoftmax.margin_logits(array, block.weight.data(), None, 5, "cosface", backend=backend)
+    assert message in str(error.value)
+    assert block(nd(GOOD["data"], "float32")).shape == (4, 5)
+    assert_still_working()
+
+
 def _bound_module(backend, data_shape, data_dtype="float32"):
     data, label = mx.sym.var("data", dtype=data_dtype), mx.sym.var("softmax_label")
     logits = mx_lsoftmax.margin_logits(data, mx.sym.var("cosface_weight"), label, 5, kind="cosface",
