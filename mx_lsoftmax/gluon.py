@@ -160,12 +160,12 @@ class MarginDense(HybridBlock):
         """Write the inference graph (the kind's plain logits, input ``data``) for
         ``SymbolBlock.imports`` and ``mx.mod.Module``: ``{path}-symbol.json`` and
         ``{path}-{epoch:04d}.params``. Loading them needs MXNet only, not mx_lsoftmax."""
+        # The weight first: a block whose shape is still deferred raises before any file is written.
+        weight = self.weight.data(self.weight.list_ctx()[0]).as_in_context(mx.cpu())
         symbol = graph.build(mx.sym, mx.sym.var("data"), mx.sym.var(self.weight.name), None, None,
                              self._units, self.settings, self.backend, self.prefix + "fwd")
         symbol.save(f"{path}-symbol.json", remove_amp_cast=True)
-        ctx = self.weight.list_ctx()[0]
-        mx.nd.save(f"{path}-{epoch:04d}.params",
-                   {f"arg:{self.weight.name}": self.weight.data(ctx).as_in_context(mx.cpu())})
+        mx.nd.save(f"{path}-{epoch:04d}.params", {f"arg:{self.weight.name}": weight})
         return f"{path}-symbol.json", f"{path}-{epoch:04d}.params"
 
     def __repr__(self):

@@ -64,6 +64,19 @@ def _declare_shape(symbol, shape):
         symbol._set_attr(__shape__=str(shape))
 
 
+class _NamedAfterLayer(mx.name.NameManager):
+    """Names the operators the layer creates without a name (``1.0 / norms``, ...) after the
+    layer, ``{name}_{operator}N``, through the name manager in force (Gluon's block prefix):
+    exports, summaries and profiles then show them under the layer, not as ``_plus0``."""
+
+    def __init__(self, name):
+        super().__init__()
+        self._layer = name
+
+    def get(self, name, hint):
+        return self._old_manager.get(name, hint if name else f"{self._layer}_{hint}")
+
+
 def build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins=None,
           weight_grad_req="write"):
     """The layer's output (N, C).
@@ -73,9 +86,20 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
     advancing ``step`` (the schedule's auxiliary state); ``class_margins`` (C,) is
     the extra input of settings with ``per_class_margin`` (K10). ``weight_grad_req`` 'add':
     the compiled graph reads the weight through a copy (``margin_logits``).
+    Every operator of a Symbol graph is named ``{name}...``.
     """
     if not isinstance(settings, MarginSettings):
         raise TypeError("settings must be a MarginSettings")
+    if F is not mx.sym:
+        return _build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins,
+                      weight_grad_req)
+    with _NamedAfterLayer(name):
+        return _build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins,
+                      weight_grad_req)
+
+
+def _build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins,
+           weight_grad_req):
     row = settings.row
     if label is None:
         features = (_normalised_rows(F, data, settings.s) if row.normalise_features else data)
@@ -103,7 +127,8 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
         # Unit rows into FullyConnected, their norms into the target op (K11): the whole weight
         # gradient then comes back through one op, with no (C, D) sum of two terms. data only
         # gives the op its shape, so none of its (zero) gradient joins data's sum.
-        unit_rows = getattr(F, COMPILED_NORMALISE_OP)(weight, F.BlockGrad(data), num_hidden=num_classes,
+        unit_rows = getattr(F, COMPILED_NORMALISE_OP)(weight, F.BlockGrad(data, name=f"{name}_data_shape"),
+                                                      num_hidden=num_classes,
                                                       name=f"{name}_normalise")
         classifier, weight_input = unit_rows[0], unit_rows[1]
     else:

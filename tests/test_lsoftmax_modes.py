@@ -431,3 +431,28 @@ def test_the_exit_wait_leaves_unread_failures_as_mxnet_does():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ends"
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", list(mx_lsoftmax.KINDS))
+def test_the_training_graph_names_its_nodes_after_the_layer(backend, kind, tmp_path):
+    """print_summary, profiles and exports show the layer's nodes under its name: every operator
+    the layer adds to a graph, training or plain, is named ``{name}...``, and its only new
+    variable is ``{name}_step``; in a Gluon block, under the block's prefix."""
+    import json
+    symbol = mx_lsoftmax.margin_logits(mx.sym.var("features"), mx.sym.var("classifier"), mx.sym.var("label"), 5,
+                                       kind, backend=backend, name="head", weight_grad_req="add")
+    nodes = json.loads(symbol.tojson())["nodes"]
+    variables = {node["name"] for node in nodes if node["op"] == "null"}
+    assert variables == {"features", "classifier", "label", "head_step"}
+    operators = [node["name"] for node in nodes if node["op"] != "null"]
+    assert operators and all(name.startswith("head") for name in operators), operators
+    plain = mx_lsoftmax.inference_symbol(mx.sym.var("features"), mx.sym.var("classifier"), 5, kind, name="head")
+    plain_nodes = json.loads(plain.tojson())["nodes"]
+    assert {node["name"] for node in plain_nodes if node["op"] == "null"} == {"features", "classifier"}
+    assert all(node["name"].startswith("head") for node in plain_nodes if node["op"] != "null")
+    block = MarginDense(5, kind=kind, in_units=3, backend=backend)
+    block.initialize()
+    symbol_file, _ = block.export(str(tmp_path / "block"))
+    with open(symbol_file) as exported:
+        names = [node["name"] for node in json.load(exported)["nodes"] if node["op"] != "null"]
+    assert names and all(name.startswith(block.prefix) for name in names), names
