@@ -1,6 +1,6 @@
-"""Three small adaptations of MXNet 1.9.1 that the Python CustomOp needs.
+"""Four small adaptations of MXNet 1.9.1 that the margin layers need.
 
-All three are installed once, on import, and change nothing for code that does not
+All four are installed once, on import, and change nothing for code that does not
 meet the margin ops.
 
 1. Schedule state under any initializer. ``mx.sym.Custom(..., op_type='MarginSoftmax')``
@@ -25,13 +25,25 @@ meet the margin ops.
    time. An exit handler registered after MXNet's, so run before it, waits for all
    pending work first. An error left in that work (an operator that failed where nobody
    read its output) stays unreported at exit, as MXNet alone leaves it.
+
+4. Deferred shapes of a network whose graph leaves a parameter out. A margin block's
+   ``step`` (and ``class_margins``) take part in training only, so the prediction graph
+   of a hybridized network that holds the block does not read them; Gluon's shape
+   inference for deferred parameters then fails on them with a KeyError ("Deferred
+   initialization failed because shape cannot be inferred. 'net0_..._step'"), the first
+   time such a network predicts before it trains. Where Gluon's own inference raises
+   that KeyError, it is run again setting only the parameters the graph reads; the
+   others keep the shapes they were declared with.
 """
 import atexit
 import functools
 import threading
+import warnings
 
 import mxnet as mx
 import mxnet.base
+from mxnet.gluon import HybridBlock
+from mxnet.gluon.block import _flatten
 
 __all__ = ["relay_errors", "install"]
 
@@ -128,8 +140,38 @@ def _finish_pending_work_at_exit():
     _finish_pending_work_at_exit.registered = True
 
 
+def _infer_only_what_the_graph_reads():
+    original = HybridBlock._infer_attrs
+    if getattr(original, "_margin_softmax_unread", False):
+        return
+
+    def _infer_attrs(self, infer_fn, attr, *args):
+        try:
+            return original(self, infer_fn, attr, *args)
+        except KeyError:
+            pass
+        # Gluon's inference stopped at a parameter its graph does not read: infer the
+        # same way and set the attribute of the parameters the graph does read.
+        inputs, out = self._get_graph(*args)
+        given = [array for array in _flatten(args, "input")[0] if array is not None]
+        with warnings.catch_warnings(record=True) as caught:
+            argument_attrs, _, auxiliary_attrs = getattr(out, infer_fn)(
+                **{variable.name: getattr(array, attr) for variable, array in zip(inputs, given)})
+        if argument_attrs is None:
+            raise ValueError(caught[0].message if caught else f"{infer_fn} could not complete")
+        inferred = dict(zip(out.list_arguments(), argument_attrs))
+        inferred.update(zip(out.list_auxiliary_states(), auxiliary_attrs))
+        for parameter in self.collect_params().values():
+            if parameter.name in inferred:
+                setattr(parameter, attr, inferred[parameter.name])
+
+    _infer_attrs._margin_softmax_unread = True
+    HybridBlock._infer_attrs = _infer_attrs
+
+
 def install():
-    """Install the three adaptations (idempotent)."""
+    """Install the four adaptations (idempotent)."""
     _zero_initialise_schedule_steps()
     _relay_into_mxnet_errors()
     _finish_pending_work_at_exit()
+    _infer_only_what_the_graph_reads()

@@ -154,21 +154,25 @@ def test_hybridize_defaults_to_static_memory_and_respects_the_caller():
     assert dict(head._flags)["static_alloc"] is False and dict(head._flags)["static_shape"] is False
 
 
+class BodyAndHead(gluon.HybridBlock):
+    """A user's network: a Dense body of deferred input size (5 units) and a margin head
+    (3 classes, deferred in_units); ``network(x, label)`` trains, ``network(x)`` predicts."""
+
+    def __init__(self, kind, backend):
+        super().__init__()
+        with self.name_scope():
+            self.body = gluon.nn.Dense(5, activation="tanh")
+            self.head = MarginDense(3, kind=kind, backend=backend, **({} if kind == "lsoftmax" else {"s": 4.0}))
+
+    def hybrid_forward(self, F, x, label=None):
+        return self.head(self.body(x), label)
+
+
 @pytest.mark.parametrize("kind", ["lsoftmax", "arcface"])
 def test_deferred_shapes_behind_a_deferred_layer(backend, kind):
     """in_units=0 behind a layer whose own input size is deferred too: MXNet's first shape
     inference hands the head its weight as (C, unknown), which it completes as FullyConnected does."""
-    class Network(gluon.HybridBlock):
-        def __init__(self):
-            super().__init__()
-            with self.name_scope():
-                self.body = gluon.nn.Dense(5, activation="tanh")
-                self.head = MarginDense(3, kind=kind, backend=backend)
-
-        def hybrid_forward(self, F, x, label):
-            return self.head(self.body(x), label)
-
-    network = Network()
+    network = BodyAndHead(kind, backend)
     network.initialize()
     network.hybridize()
     data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=5)
@@ -194,17 +198,7 @@ def test_a_parent_network_predicts_and_exports_after_training(backend, kind, tmp
     """A head inside a hybridized network that trains with (x, label): MXNet fixes a cached
     graph's inputs at its first call, so the network predicts and exports with x alone after
     ``hybridize()`` again (README); that graph is the kind's plain one, of stock operators."""
-    class Network(gluon.HybridBlock):
-        def __init__(self):
-            super().__init__()
-            with self.name_scope():
-                self.body = gluon.nn.Dense(5, activation="tanh")
-                self.head = MarginDense(3, kind=kind, backend=backend, **({"s": 4.0} if kind == "arcface" else {}))
-
-        def hybrid_forward(self, F, x, label=None):
-            return self.head(self.body(x), label)
-
-    network = Network()
+    network = BodyAndHead(kind, backend)
     network.initialize(mx.init.Xavier())
     network.hybridize()
     data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=6)
@@ -234,3 +228,25 @@ def test_a_parent_network_predicts_and_exports_after_training(backend, kind, tmp
     out.backward()
     assert network.head.step.data().asscalar() == 3
     assert np.isfinite(network.head.weight.grad().asnumpy()).all()
+
+
+@pytest.mark.parametrize("kind", ["lsoftmax", "arcface"])
+def test_a_parent_network_predicts_before_it_trains(backend, kind):
+    """Deferred shapes, and a hybridized network's first call a prediction: its graph does
+    not read the head's ``step``, on which Gluon's shape inference stopped with a KeyError
+    (mx_lsoftmax.hooks, fourth adaptation)."""
+    data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=7)
+    x, y = nd(data, "float32"), nd(label, "float32")
+    network = BodyAndHead(kind, backend)
+    network.initialize(mx.init.Xavier())
+    network.hybridize()
+    predicted = network(x).asnumpy()
+    assert network.head.weight.shape == (3, 5) and network.head.step.shape == (1,)
+    expected = network.head(network.body(x)).asnumpy()
+    np.testing.assert_allclose(predicted, expected, rtol=1e-6, atol=1e-6)
+    network.hybridize()
+    with autograd.record():
+        out = network(x, y)
+    out.backward()
+    assert out.shape == (8, 3) and network.head.step.data().asscalar() == 1
+    assert np.abs(network.body.weight.grad().asnumpy()).max() > 0
