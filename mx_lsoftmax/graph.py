@@ -139,4 +139,17 @@ def _build(F, data, weight, label, step, num_classes, settings, backend, name, c
     # read a tensor (MXNET_EXEC_INPLACE_GRAD_SUM_CAP; three weight-normalising heads on one feature
     # make 9). The copy is (N, D), small beside the layer's (N, C) and (C, D) arrays.
     return getattr(F, COMPILED_OP)(logits, _adding_copy(F, data, f"{name}_data"), weight_input, label, step,
-                                   *extra, name=name, **attrs)[0]
+                                   _training_flag(F, name), *extra, name=name, **attrs)[0]
+
+
+def _training_flag(F, name):
+    """(1,) float32: 1 where MXNet runs the graph for training, 0 where it does not.
+
+    lib_api hands a library op no is_train, and a bound graph runs the same op for Module's
+    fit (training) and its score and predict (not): the target op reads this flag to give
+    the plain logits and keep the step outside training, as the Python op does. Dropout is
+    the stock operator that reads is_train: outside training it passes a one through, in
+    training it gives 0 or 1 / (1 - p) = 2, never 1, whichever its random draw.
+    """
+    one = F.ones(shape=(1,), dtype="float32", name=f"{name}_one")
+    return F.Dropout(one, p=0.5, name=f"{name}_training_dropout") != 1.0

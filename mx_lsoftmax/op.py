@@ -387,8 +387,10 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             product_grad = grad_output
         fully_connected_backward(product_grad, data, weight, grad_data, grad_weight)
 
-        inverse_x = _inverse_or_zero(saved["norm_x"])
-        along_x = g * target["p"] if target is not None else np.zeros_like(saved["norm_x"])
+        # lsoftmax after an inference forward took no norms: its plain logits x W^T need none, their
+        # whole gradient being FullyConnected's.
+        inverse_x = _inverse_or_zero(saved["norm_x"]) if "norm_x" in saved else None
+        along_x = g * target["p"] if target is not None else np.zeros(data.shape[0])
         if saved["normalised"] and row.normalise_features:
             along_x = along_x - weighted_row_sums.asnumpy().astype(np.float64) * inverse_x
         if target is not None:

@@ -90,7 +90,7 @@ def test_compiled_op_reports_bad_settings_through_mxnet(settings, message):
     if not mx_lsoftmax.library.is_loaded():
         pytest.skip("the compiled library is not built (run `make`)")
     inputs = (mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), mx.nd.array([0, 1]),
-              mx.nd.zeros((1,)))
+              mx.nd.zeros((1,)), mx.nd.ones((1,)))
     with pytest.raises(mx.base.MXNetError) as error:
         mx.nd.margin_softmax_target(*inputs, **settings)[0].asnumpy()
     assert message in str(error.value)
@@ -104,7 +104,7 @@ def test_compiled_op_reports_bad_label_through_mxnet():
     step = mx.nd.zeros((1,))
     with pytest.raises(mx.base.MXNetError) as error:
         mx.nd.margin_softmax_target(mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)),
-                              mx.nd.array([0, 7]), step)[0].asnumpy()
+                                    mx.nd.array([0, 7]), step, mx.nd.ones((1,)))[0].asnumpy()
     assert "label[1] = 7" in str(error.value)
     assert step.asscalar() == 0
     assert_still_working()

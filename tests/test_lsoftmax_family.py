@@ -239,10 +239,11 @@ def test_compiled_defaults_equal_the_python_table(kind):
         classifier, weight_input = w, w
     logits = mx.nd.dot(x, classifier, transpose_b=True)
     step = mx.nd.array([0.0], dtype="float64")
-    bare = mx.nd.margin_softmax_target(logits, x, weight_input, nd(label), step, kind=kind)[0]
+    training = mx.nd.ones((1,))  # the flag graph.py derives from is_train
+    bare = mx.nd.margin_softmax_target(logits, x, weight_input, nd(label), step, training, kind=kind)[0]
     attrs = MarginSettings(kind).as_attrs()
     full = mx.nd.margin_softmax_target(logits, x, weight_input, nd(label),
-                                       mx.nd.array([0.0], dtype="float64"), **attrs)[0]
+                                       mx.nd.array([0.0], dtype="float64"), training, **attrs)[0]
     np.testing.assert_array_equal(bare.asnumpy(), full.asnumpy())
     want = expected(kind, {}, data, weight, label, np.zeros((6, 3)))[0]
     np.testing.assert_allclose(bare.asnumpy(), want, **TOLERANCE["float64"])

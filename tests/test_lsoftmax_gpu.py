@@ -73,6 +73,31 @@ def test_kernels_match_spec(kernels, dtype, case, beta):
         np.testing.assert_allclose(result[key] / scale, want / scale, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", KIND_CASES)
+def test_kernels_outside_training_give_the_plain_logits(kernels, dtype, case):
+    """training = 0 (Module's score and predict): the plain logits (K2) and their gradient, no
+    label read (an out-of-range one is no error), the step kept."""
+    kind, values = KIND_CASES[case]
+    settings = MarginSettings(kind, **values, beta=2.0)
+    data, weight, _ = kind_inputs(kind, settings.values, 64, 300, 11, seed=4)
+    grad = np.random.default_rng(5).standard_normal((64, 11))
+    cupy = kernels.cupy
+    step = cupy.zeros((1,), dtype=dtype)
+    status, saved, out = kernels.forward(cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype),
+                                         cupy.full((64,), 99, dtype=cupy.int64), step, settings,
+                                         training=cupy.zeros((1,), dtype=cupy.float32))
+    assert status == SUCCESS and float(step[0]) == 0.0
+    status, grad_data, grad_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), saved)
+    assert status == SUCCESS
+    wants = (spec.family_inference(kind, data, weight, **values),
+             *spec.family_backward(kind, data, weight, np.zeros(0), 0.0, grad, **values))  # no target
+    tolerance = TOLERANCE[dtype] if dtype == "float64" else dict(rtol=1e-3, atol=1e-3)
+    for got, want in zip((out, grad_data, grad_weight), wants):
+        scale = max(1.0, float(np.abs(want).max())) if dtype == "float32" else 1.0
+        np.testing.assert_allclose(cupy.asnumpy(got) / scale, want / scale, **tolerance)
+
+
 @pytest.mark.parametrize("margin", MARGINS)
 def test_kernels_lsoftmax_every_margin(kernels, margin):
     settings = MarginSettings("lsoftmax", margin=margin, beta=3.5)
@@ -154,8 +179,8 @@ def test_c_entry_points_parse_settings_with_the_op_parser():
     library = ctypes.CDLL(CUDA_LIBRARY)
     library.margin_softmax_last_error.restype = ctypes.c_char_p
     forward = library.margin_softmax_forward_float64
-    pointers = 11  # logits, data, weight, unit_weight_norm, label, step, class_margins, out, beta_used,
-    #               data_norm, weight_norm
+    pointers = 12  # logits, data, weight, unit_weight_norm, label, step, training, class_margins, out,
+    #               beta_used, data_norm, weight_norm
     forward.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3
                         + [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p])
     for text, message in ((b"kind=cosface;m1=2", "kind cosface does not take the setting 'm1'"),

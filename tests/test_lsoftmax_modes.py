@@ -456,3 +456,85 @@ def test_the_training_graph_names_its_nodes_after_the_layer(backend, kind, tmp_p
     with open(symbol_file) as exported:
         names = [node["name"] for node in json.load(exported)["nodes"] if node["op"] != "null"]
     assert names and all(name.startswith(block.prefix) for name in names), names
+
+
+@pytest.mark.parametrize("kind", list(mx_lsoftmax.KINDS))
+def test_a_bound_graph_outside_training_gives_the_plain_logits(backend, kind):
+    """Module's score and predict run the training graph with is_train=False: the plain logits
+    (K2) and their gradient, the step kept; then a training forward as before. The compiled op
+    is told by a flag the graph derives from is_train (lib_api passes none)."""
+    from conftest import KIND_CASES, kind_inputs
+    values = next(values for case_kind, values in KIND_CASES.values() if case_kind == kind)
+    data, weight, label = kind_inputs(kind, values, 12, 5, 4, seed=8)
+    symbol = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 4, kind,
+                                       backend=backend, name="head", beta=3.0, **values)
+    executor = bound_float64(symbol, dict(data=data, weight=weight, label=label.astype(np.float64)),
+                             dict(data="write", weight="write", label="null"))
+    executor.aux_dict["head_step"][:] = 0
+    grad = np.random.default_rng(9).standard_normal((12, 4))
+    executor.arg_dict["label"][:] = 99  # not read outside training: no error for a label out of range
+    for _ in range(2):
+        out = executor.forward(is_train=False)[0].asnumpy()
+        np.testing.assert_allclose(out, spec.family_inference(kind, data, weight, **values), **TOLERANCE["float64"])
+        assert executor.aux_dict["head_step"].asscalar() == 0
+    executor.backward(nd(grad))
+    # No label, no target: the spec's gradient of the plain logits.
+    plain_data, plain_weight = spec.family_backward(kind, data, weight, np.zeros(0), 0.0, grad, **values)
+    np.testing.assert_allclose(executor.grad_dict["data"].asnumpy(), plain_data, **TOLERANCE["float64"])
+    np.testing.assert_allclose(executor.grad_dict["weight"].asnumpy(), plain_weight, **TOLERANCE["float64"])
+    executor.arg_dict["label"][:] = label
+    out = executor.forward(is_train=True)[0].asnumpy()
+    beta = mx_lsoftmax.MarginSettings(kind, beta=3.0, **values).beta_at(0)  # sphereface's beta_min is 5
+    np.testing.assert_allclose(out, spec.family_forward(kind, data, weight, label, beta, **values),
+                               **TOLERANCE["float64"])
+    assert executor.aux_dict["head_step"].asscalar() == 1
+
+
+def test_module_scores_its_training_graph_with_the_plain_logits(backend):
+    """Module.fit's eval_data and Module.score run the training graph outside training: the
+    accuracy is that of the plain classifier (inference_symbol), and only training batches
+    advance the schedule."""
+    rng = np.random.default_rng(10)
+    data = rng.standard_normal((64, 6)).astype(np.float32)
+    label = (data[:, :4].argmax(axis=1)).astype(np.float32)
+    iterator = mx.io.NDArrayIter(data, label, batch_size=16)
+    label_variable = mx.sym.var("softmax_label")
+    logits = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("head_weight"), label_variable, 4, "arcface",
+                                       backend=backend, name="head", s=8.0, margin=0.5)
+    module = mx.mod.Module(mx.sym.SoftmaxOutput(logits, label_variable, name="softmax"))
+    mx.random.seed(1)
+    module.fit(iterator, eval_data=iterator, num_epoch=2, optimizer_params={"learning_rate": 0.5},
+               initializer=mx.init.Xavier(), eval_metric="acc")
+    assert module.get_params()[1]["head_step"].asscalar() == 8  # 2 epochs of 4 training batches
+    scored = dict(module.score(iterator, "acc"))["accuracy"]
+    assert module.get_params()[1]["head_step"].asscalar() == 8
+    plain = mx.sym.SoftmaxOutput(mx_lsoftmax.inference_symbol(mx.sym.var("data"), mx.sym.var("head_weight"), 4,
+                                                              "arcface", name="head", s=8.0), name="softmax")
+    scorer = mx.mod.Module(plain)
+    scorer.bind(iterator.provide_data, iterator.provide_label, for_training=False)
+    scorer.set_params(*module.get_params(), allow_extra=True)
+    assert scored == dict(scorer.score(iterator, "acc"))["accuracy"]
+    predicted = module.predict(iterator).asnumpy()
+    np.testing.assert_allclose(predicted, scorer.predict(iterator).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_bound_without_gradients_runs_as_the_readme_says(backend):
+    """README: on the CPU, MXNet's default graph backend runs a graph bound without any gradient as
+    an inference graph even under forward(is_train=True), its Dropout included; the compiled layer,
+    told by a Dropout, then gives the plain logits, while the Python op (told by MXNet) trains."""
+    from conftest import kind_inputs
+    values = dict(margin=0.5, s=8.0)
+    data, weight, label = kind_inputs("arcface", values, 12, 5, 4, seed=11)
+    symbol = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 4,
+                                       "arcface", backend=backend, name="head", **values)
+    executor = bound_float64(symbol, dict(data=data, weight=weight, label=label.astype(np.float64)), "null")
+    executor.aux_dict["head_step"][:] = 0
+    out = executor.forward(is_train=True)[0].asnumpy()
+    if backend == "compiled" and os.environ.get("MXNET_SUBGRAPH_BACKEND", "MKLDNN") != "NONE":
+        np.testing.assert_allclose(out, spec.family_inference("arcface", data, weight, **values),
+                                   **TOLERANCE["float64"])
+        assert executor.aux_dict["head_step"].asscalar() == 0
+    else:
+        np.testing.assert_allclose(out, spec.family_forward("arcface", data, weight, label, 0.0, **values),
+                                   **TOLERANCE["float64"])
+        assert executor.aux_dict["head_step"].asscalar() == 1

@@ -82,10 +82,10 @@ class KernelHarness:
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
         for suffix in ("float32", "float64"):
             forward = getattr(self.library, f"margin_softmax_forward_{suffix}")
-            forward.argtypes = [pointer] * 11 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
+            forward.argtypes = [pointer] * 12 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
             forward.restype = ctypes.c_int
             backward = getattr(self.library, f"margin_softmax_backward_{suffix}")
-            backward.argtypes = [pointer] * 13 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
+            backward.argtypes = [pointer] * 14 + [int64] * 3 + [ctypes.c_char_p, pointer, pointer]
             backward.restype = ctypes.c_int
             normalise = getattr(self.library, f"margin_softmax_normalise_forward_{suffix}")
             normalise.argtypes = [pointer] * 3 + [int64] * 2 + [pointer]
@@ -125,12 +125,14 @@ class KernelHarness:
             norms.data.ptr, grad_rows.data.ptr, unit.shape[0], unit.shape[1], None)
         return status, grad_rows
 
-    def forward(self, x, w, label, step, settings, class_margins=None):
+    def forward(self, x, w, label, step, settings, class_margins=None, training=None):
         """x (N, D), w (C, D), label (N,) int64, step (1,): CuPy arrays of one float dtype;
-        class_margins (C,) of that dtype with settings ``per_class_margin`` (cosface), else None.
+        class_margins (C,) of that dtype with settings ``per_class_margin`` (cosface), else None;
+        training (1,) float32, the op's flag (1 training, 0 not: the plain logits), or None
+        (training).
 
         Returns (status, saved, out) with ``saved`` what ``backward`` needs;
-        ``step`` is advanced on success.
+        ``step`` is advanced on success while training.
         """
         cupy = self.cupy
         rows, dims, classes = x.shape[0], x.shape[1], w.shape[0]
@@ -148,11 +150,12 @@ class KernelHarness:
         status = getattr(self.library, f"margin_softmax_forward_{np.dtype(x.dtype).name}")(
             logits.data.ptr, x.data.ptr, None if unit is not None else w.data.ptr,
             None if unit_norms is None else unit_norms.data.ptr, label.data.ptr, step.data.ptr,
+            None if training is None else training.data.ptr,
             None if class_margins is None else class_margins.data.ptr, out.data.ptr,
             beta_used.data.ptr, data_norm.data.ptr, weight_norm.data.ptr, rows, classes, dims, text,
             scratch.data.ptr, None)
         saved = dict(logits=logits, x=x, w=w, classifier=classifier, unit_norms=unit_norms,
-                     label=label, class_margins=class_margins, out=out, beta_used=beta_used,
+                     label=label, training=training, class_margins=class_margins, out=out, beta_used=beta_used,
                      data_norm=data_norm, weight_norm=weight_norm, text=text)
         return status, saved, out
 
@@ -166,6 +169,7 @@ class KernelHarness:
         status = getattr(self.library, f"margin_softmax_backward_{np.dtype(x.dtype).name}")(
             grad.data.ptr, saved["logits"].data.ptr, x.data.ptr,
             None if grad_weight is None else w.data.ptr, saved["label"].data.ptr,
+            None if saved["training"] is None else saved["training"].data.ptr,
             None if saved["class_margins"] is None else saved["class_margins"].data.ptr,
             saved["out"].data.ptr, saved["beta_used"].data.ptr, saved["data_norm"].data.ptr,
             saved["weight_norm"].data.ptr, grad_logits.data.ptr, grad_data.data.ptr,

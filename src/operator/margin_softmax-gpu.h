@@ -33,7 +33,8 @@ struct GpuForward {
   const T* weight;      // (classes, dims), raw weights (lsoftmax); else null
   const double* unit_weight_norm;  // (classes,) |w_j| of the unit rows the logits used (K11), or null
   const L* label;       // (rows,)
-  T* step;              // (1,), read then advanced
+  T* step;              // (1,), read, then advanced while training
+  const float* training;   // (1,) 1 while training, 0 outside: plain logits (K2); null: training
   const T* class_margins;  // (classes,) with settings.per_class_margin, else null
   T* out;               // (rows, classes)
   T* beta_used;         // (1,)
@@ -53,6 +54,7 @@ struct GpuBackward {
   const T* data;               // (rows, dims)
   const T* weight;             // (classes, dims), raw weights (lsoftmax); else null
   const L* label;              // (rows,)
+  const float* training;       // (1,) the forward's flag: 0, the plain logits' gradient; null: 1
   const T* class_margins;      // (classes,) with settings.per_class_margin, else null
   const T* output;             // (rows, classes), the forward's output
   const T* beta_used;          // (1,), the forward's beta

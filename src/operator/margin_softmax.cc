@@ -7,7 +7,8 @@
  *          weight: W (C, D) for lsoftmax; for the kinds that normalise weights, the float64
  *          norms |w_j| (C,) from margin_softmax_normalise, whose unit rows FullyConnected
  *          used (K11); label (N,) class indices (any real or integer dtype),
- *          step (1,) (mutated: the schedule's auxiliary state).
+ *          step (1,) (mutated: the schedule's auxiliary state), training (1,) float32
+ *          (1 where MXNet runs the graph for training, else 0: see enum Input).
  * Outputs: output (N, C), the kind's logits with the target column blended (K2, K3);
  *          beta (1,), the schedule value this forward used (D12);
  *          data_norm (N,) and weight_norm (C,), float64 |x_i| and |w_j| for the backward
@@ -15,9 +16,11 @@
  *
  * lib_api hands the op no training flag and no write/add request, and a
  * library op cannot call MXNet's operators. So the op does only the step
- * around the products; mx_lsoftmax composes it with FullyConnected and inserts
- * it only into training graphs. Gradients are always written (never added):
- * MXNet sums the two paths into data and weight itself.
+ * around the products; mx_lsoftmax composes it with FullyConnected, inserts it
+ * only into training graphs, and gives it the training flag as an input (a
+ * training graph still runs outside training under Module's score and predict).
+ * Gradients are always written (never added): MXNet sums the two paths into
+ * data and weight itself.
  *
  * The schedule counter is a mutated input, which MXNet treats as an auxiliary
  * state owned by the caller: the op instance holds no state, because MXNet
@@ -52,7 +55,15 @@ namespace margin_softmax {
 
 // Forward inputs, and backward outputs (one gradient per input). class_margins (C,)
 // is there only with per_class_margin = 1, after the kNumInputs others.
-enum Input { kLogits = 0, kData, kWeight, kLabel, kStep, kNumInputs, kClassMargins = kNumInputs };
+//
+// training (1,) float32 is 1 where MXNet runs the graph for training and 0 where it does not
+// (Module's score and predict, forward(is_train=False)): lib_api hands a library op no
+// is_train, so the graph derives the flag from a stock op that reads it (mx_lsoftmax/graph.py).
+// Outside training the op gives the kind's plain logits, reads no label and keeps the step.
+enum Input {
+  kLogits = 0, kData, kWeight, kLabel, kStep, kTraining, kNumInputs,
+  kClassMargins = kNumInputs
+};
 enum Output { kOutput = 0, kBetaUsed, kDataNorm, kWeightNorm, kNumOutputs };
 // Backward inputs: [output grads..., forward inputs..., forward outputs...]; where the
 // forward outputs start depends on the number of forward inputs (backward_output).
@@ -63,6 +74,7 @@ enum BackwardInput {
   kBackwardWeight,
   kBackwardLabel,
   kBackwardStep,
+  kBackwardTraining,
   kBackwardClassMargins,
 };
 
@@ -199,8 +211,8 @@ bool parse_settings(const std::unordered_map<std::string, std::string>& attrs, S
 namespace {
 
 const char* input_name(int index) {
-  static const char* names[kNumInputs + 1] = {"logits", "data", "weight", "label", "step",
-                                              "class_margins"};
+  static const char* names[kNumInputs + 1] = {"logits", "data",     "weight",       "label",
+                                              "step",   "training", "class_margins"};
   return index >= 0 && index <= kNumInputs ? names[index] : "?";
 }
 
@@ -282,6 +294,11 @@ MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& att
   }
   // Labels may have any dtype; one nobody declared follows data, as in the Python op.
   if ((*in_types)[kLabel] < 0) (*in_types)[kLabel] = dtype;
+  if ((*in_types)[kTraining] < 0) (*in_types)[kTraining] = kFloat32;
+  if ((*in_types)[kTraining] != kFloat32) {
+    MARGIN_ERROR << "input training must be float32, got " << dtype_name((*in_types)[kTraining]);
+    return MX_FAIL;
+  }
   (*out_types)[kOutput] = dtype;
   (*out_types)[kBetaUsed] = dtype;
   (*out_types)[kDataNorm] = kFloat64;
@@ -324,6 +341,11 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
   }
   if (step.size() != 1 || step[0] != 1) {
     MARGIN_ERROR << "input step must have shape (1,)";
+    return MX_FAIL;
+  }
+  const auto& training = (*in_shapes)[kTraining];
+  if (training.size() != 1 || training[0] != 1) {
+    MARGIN_ERROR << "input training must have shape (1,)";
     return MX_FAIL;
   }
   if (in_shapes->size() > kClassMargins) {
@@ -577,8 +599,9 @@ template <typename T>
 MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
                                 std::vector<MXTensor>* outputs) {
   const Shape s = shape_of(*inputs, kLogits, kData);
+  const bool training = (*inputs)[kTraining].data<float>()[0] != 0.0f;
   std::vector<int64_t> labels;
-  if (!read_labels((*inputs)[kLabel], s.classes, &labels)) return MX_FAIL;
+  if (training && !read_labels((*inputs)[kLabel], s.classes, &labels)) return MX_FAIL;
   const T* logits = (*inputs)[kLogits].data<T>();
   const T* data = (*inputs)[kData].data<T>();
   T* step = (*inputs)[kStep].data<T>();
@@ -593,9 +616,7 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   } else {
     const T* weight = (*inputs)[kWeight].data<T>();
     std::memset(weight_norm, 0, sizeof(double) * s.classes);
-    for (int64_t i = 0; i < s.rows; ++i) {
-      weight_norm[labels[i]] = row_norm(weight + labels[i] * s.dims, s.dims);
-    }
+    for (int64_t y : labels) weight_norm[y] = row_norm(weight + y * s.dims, s.dims);
   }
   prefer_huge_pages(out, sizeof(T) * s.rows * s.classes);
   if (p.normalise_features) {
@@ -610,6 +631,8 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
   } else {
     parallel_copy(out, logits, s.rows * s.classes);
   }
+  (*outputs)[kBetaUsed].data<T>()[0] = static_cast<T>(beta);
+  if (!training) return MX_SUCCESS;  // the plain logits (K2)
   const double floor = angle_floor<T>();
   for (int64_t i = 0; i < s.rows; ++i) {
     const int64_t y = labels[i];
@@ -618,7 +641,6 @@ MXReturnValue forward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs
                                               weight_norm[y], beta, floor);
     out[i * s.classes + y] = static_cast<T>(column.output);
   }
-  (*outputs)[kBetaUsed].data<T>()[0] = static_cast<T>(beta);
   step[0] += T(1);
   return MX_SUCCESS;
 }
@@ -628,8 +650,10 @@ template <typename T>
 MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* inputs,
                                  std::vector<MXTensor>* outputs) {
   const Shape s = shape_of(*inputs, kBackwardLogits, kBackwardData);
+  // After a forward outside training, the gradient of the plain logits it gave.
+  const bool training = (*inputs)[kBackwardTraining].data<float>()[0] != 0.0f;
   std::vector<int64_t> labels;
-  if (!read_labels((*inputs)[kBackwardLabel], s.classes, &labels)) return MX_FAIL;
+  if (training && !read_labels((*inputs)[kBackwardLabel], s.classes, &labels)) return MX_FAIL;
   const T* grad_output = (*inputs)[kBackwardGradOutput].data<T>();
   const T* logits = (*inputs)[kBackwardLogits].data<T>();
   const T* data = (*inputs)[kBackwardData].data<T>();
@@ -659,17 +683,20 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   const double floor = angle_floor<T>();
   std::vector<double> along_data(s.rows, 0.0);
   for (int64_t i = 0; i < s.rows; ++i) {
-    const int64_t y = labels[i];
-    const double a = data_norm[i], b = weight_norm[y];
-    const double g = grad_output[i * s.classes + y];
-    const TargetColumn column =
-        target_column(row_settings(p, class_margins, y), logits[i * s.classes + y], a, b, beta, floor);
-    grad_logits[i * s.classes + y] = static_cast<T>(g * column.d_f);
-    const double along =
-        (p.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
+    const double a = data_norm[i];
+    double along = p.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0;
+    if (training) {
+      const int64_t y = labels[i];
+      const double b = weight_norm[y];
+      const double g = grad_output[i * s.classes + y];
+      const TargetColumn column = target_column(row_settings(p, class_margins, y),
+                                                logits[i * s.classes + y], a, b, beta, floor);
+      grad_logits[i * s.classes + y] = static_cast<T>(g * column.d_f);
+      along += g * column.p;
+      // Only the sample's own class: a non-finite row reaches no other class's gradient.
+      if (b > 0.0) along_weight[y] += g * column.q / b;
+    }
     along_data[i] = a > 0.0 ? along / a : 0.0;
-    // Only the sample's own class: a non-finite row reaches no other class's gradient.
-    if (b > 0.0) along_weight[y] += g * column.q / b;
   }
   scale_rows(data, along_data, grad_data, s.rows, s.dims);
   if (p.normalise_weights) {
@@ -681,6 +708,7 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
   }
   zero_tensor_cpu(outputs, kLabel);
   zero_tensor_cpu(outputs, kStep);
+  zero_tensor_cpu(outputs, kTraining);
   if (class_margins != nullptr) zero_tensor_cpu(outputs, kClassMargins);  // constants
   return MX_SUCCESS;
 }
@@ -915,6 +943,7 @@ MXReturnValue forward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs
                      unit_rows ? (*inputs)[kWeight].data<double>() : nullptr,
                      (*inputs)[kLabel].data<L>(),
                      (*inputs)[kStep].data<T>(),
+                     (*inputs)[kTraining].data<float>(),
                      class_margins_of<T>(p, inputs, kClassMargins),
                      (*outputs)[kOutput].data<T>(),
                      (*outputs)[kBetaUsed].data<T>(), (*outputs)[kDataNorm].data<double>(),
@@ -933,6 +962,7 @@ MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* input
                       (*inputs)[kBackwardLogits].data<T>(), (*inputs)[kBackwardData].data<T>(),
                       unit_rows ? nullptr : (*inputs)[kBackwardWeight].data<T>(),
                       (*inputs)[kBackwardLabel].data<L>(),
+                      (*inputs)[kBackwardTraining].data<float>(),
                       class_margins_of<T>(p, inputs, kBackwardClassMargins),
                       (*inputs)[backward_output(p, kOutput)].data<T>(),
                       (*inputs)[backward_output(p, kBetaUsed)].data<T>(),
@@ -945,7 +975,8 @@ MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* input
                       resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
                       resource.get_cuda_stream()};
   const int result = backward_gpu_launch(a);
-  for (int index : {int(kLabel), int(kStep), int(kClassMargins), unit_rows ? int(kWeight) : -1}) {
+  for (int index : {int(kLabel), int(kStep), int(kTraining), int(kClassMargins),
+                    unit_rows ? int(kWeight) : -1}) {
     if (index >= 0 && index < static_cast<int>(outputs->size())) {
       MXTensor& tensor = (*outputs)[index];
       zero_device(tensor.data_ptr, tensor.size() * dtype_size(tensor.dtype), a.stream);
@@ -1107,27 +1138,28 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
 #define MARGIN_C_ENTRY(T, SUFFIX)                                                                \
   extern "C" int margin_softmax_forward_##SUFFIX(                                                 \
       const T* logits, const T* data, const T* weight, const double* unit_weight_norm,           \
-      const int64_t* label, T* step, const T* class_margins, T* out, T* beta_used,               \
-      double* data_norm, double* weight_norm, int64_t rows, int64_t classes, int64_t dims,       \
-      const char* settings_text, void* scratch, void* stream) {                                   \
+      const int64_t* label, T* step, const float* training, const T* class_margins, T* out,      \
+      T* beta_used, double* data_norm, double* weight_norm, int64_t rows, int64_t classes,       \
+      int64_t dims, const char* settings_text, void* scratch, void* stream) {                    \
     margin_softmax::Settings settings;                                                            \
     if (!settings_from_text(settings_text, &settings)) return -3;                                 \
     margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, unit_weight_norm, label,      \
-                                             step, class_margins, out, beta_used, data_norm,     \
-                                             weight_norm, rows, classes, dims, settings,         \
-                                             scratch, stream};                                   \
+                                             step, training, class_margins, out, beta_used,      \
+                                             data_norm, weight_norm, rows, classes, dims,        \
+                                             settings, scratch, stream};                         \
     return margin_softmax::forward_gpu_launch(a);                                                 \
   }                                                                                               \
   extern "C" int margin_softmax_backward_##SUFFIX(                                                \
       const T* grad_output, const T* logits, const T* data, const T* weight,                     \
-      const int64_t* label, const T* class_margins, const T* output, const T* beta_used,         \
-      const double* data_norm,                                                                    \
+      const int64_t* label, const float* training, const T* class_margins, const T* output,      \
+      const T* beta_used, const double* data_norm,                                                \
       const double* weight_norm, T* grad_logits, T* grad_data, T* grad_weight, int64_t rows,     \
       int64_t classes, int64_t dims, const char* settings_text, void* scratch, void* stream) {   \
     margin_softmax::Settings settings;                                                            \
     if (!settings_from_text(settings_text, &settings)) return -3;                                 \
     margin_softmax::GpuBackward<T, int64_t> a{                                                    \
-        grad_output, logits, data, weight, label, class_margins, output, beta_used, data_norm,   \
+        grad_output, logits, data, weight, label, training, class_margins, output, beta_used,   \
+        data_norm,                                                                                \
         weight_norm, grad_logits, grad_data, grad_weight, rows, classes, dims, settings,         \
         scratch,     stream};                                                                     \
     return margin_softmax::backward_gpu_launch(a);                                                \

@@ -81,9 +81,16 @@ __global__ void norms_kernel(const T* rows, int64_t dims, double* norms) {
 }
 
 // Norms of the target rows only (lsoftmax); rows sharing a class write the same value.
+// The training flag of GpuForward and GpuBackward, read on the device (no copy back, no sync);
+// null counts as training.
+__device__ bool is_training(const float* training) {
+  return training == nullptr || *training != 0.0f;
+}
+
 template <typename T, typename L>
-__global__ void target_norms_kernel(const T* weight, const L* label, int64_t classes, int64_t dims,
-                                    double* weight_norm) {
+__global__ void target_norms_kernel(const T* weight, const L* label, const float* training,
+                                    int64_t classes, int64_t dims, double* weight_norm) {
+  if (!is_training(training)) return;  // the plain logits read no label
   const int64_t y = class_index(label[blockIdx.x], classes);
   if (y < 0) return;  // reported by the target kernel
   const double norm = block_row_norm(weight + y * dims, dims);
@@ -110,11 +117,12 @@ __device__ int64_t checked_class(const L* label, int64_t i, int64_t classes, int
 
 template <typename T, typename L>
 __global__ void forward_target_kernel(const T* logits, const L* label, const T* step,
-                                      const T* class_margins, T* out, const double* data_norm,
-                                      const double* weight_norm, int64_t rows, int64_t classes,
-                                      Settings settings, int* bad_label) {
+                                      const float* training, const T* class_margins, T* out,
+                                      const double* data_norm, const double* weight_norm,
+                                      int64_t rows, int64_t classes, Settings settings,
+                                      int* bad_label) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= rows) return;
+  if (i >= rows || !is_training(training)) return;  // outside training: the plain logits (K2)
   const int64_t y = checked_class(label, i, classes, bad_label);
   if (y < 0) return;
   const double beta = beta_at(settings, static_cast<double>(step[0]));
@@ -124,11 +132,13 @@ __global__ void forward_target_kernel(const T* logits, const L* label, const T* 
                                                       angle_floor<T>()).output);
 }
 
-// Runs after every row has read the step: publishes beta and advances the schedule.
+// Runs after every row has read the step: publishes beta and, while training, advances the
+// schedule.
 template <typename T>
-__global__ void advance_step_kernel(T* step, T* beta_used, Settings settings) {
+__global__ void advance_step_kernel(T* step, const float* training, T* beta_used,
+                                    Settings settings) {
   beta_used[0] = static_cast<T>(beta_at(settings, static_cast<double>(step[0])));
-  step[0] += T(1);
+  if (is_training(training)) step[0] += T(1);
 }
 
 // G' = G rho off the target column, and S_i = sum_j G_ij o_ij; one block per row.
@@ -150,24 +160,29 @@ __global__ void backward_rows_kernel(const T* grad_output, const T* output, T* g
 
 template <typename T, typename L>
 __global__ void backward_target_kernel(const T* grad_output, const T* logits, const L* label,
-                                       const T* class_margins, const T* beta_used,
-                                       const double* data_norm,
+                                       const float* training, const T* class_margins,
+                                       const T* beta_used, const double* data_norm,
                                        const double* weight_norm, T* grad_logits,
                                        const double* row_sum, double* along_data,
                                        double* along_weight, int64_t rows, int64_t classes,
                                        Settings settings, int* bad_label) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= rows) return;
+  const double a = data_norm[i];
+  double along = settings.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0;
+  if (!is_training(training)) {  // the plain logits' gradient: no target column
+    along_data[i] = a > 0.0 ? along / a : 0.0;
+    return;
+  }
   const int64_t y = checked_class(label, i, classes, bad_label);
   if (y < 0) return;
-  const double a = data_norm[i], b = weight_norm[y];
+  const double b = weight_norm[y];
   const double g = grad_output[i * classes + y];
   const TargetColumn column =
       target_column(row_settings(settings, class_margins, y), logits[i * classes + y], a, b,
                     static_cast<double>(beta_used[0]), angle_floor<T>());
   grad_logits[i * classes + y] = static_cast<T>(g * column.d_f);
-  const double along =
-      (settings.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0) + g * column.p;
+  along += g * column.p;
   along_data[i] = a > 0.0 ? along / a : 0.0;
   // Only the sample's own class: a non-finite row reaches no other class's gradient.
   if (b > 0.0) atomicAdd(along_weight + y, g * column.q / b);
@@ -246,8 +261,8 @@ int forward_gpu_launch(const GpuForward<T, L>& a) {
   } else {
     cudaMemsetAsync(a.weight_norm, 0, sizeof(double) * a.classes, stream);
     if (a.rows > 0) {
-      target_norms_kernel<<<a.rows, kThreads, 0, stream>>>(a.weight, a.label, a.classes, a.dims,
-                                                           a.weight_norm);
+      target_norms_kernel<<<a.rows, kThreads, 0, stream>>>(a.weight, a.label, a.training,
+                                                           a.classes, a.dims, a.weight_norm);
     }
   }
   if (a.settings.normalise_features) {
@@ -259,14 +274,14 @@ int forward_gpu_launch(const GpuForward<T, L>& a) {
   }
   if (a.rows > 0) {
     forward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
-        a.logits, a.label, a.step, a.class_margins, a.out, a.data_norm, a.weight_norm, a.rows,
-        a.classes, a.settings, scratch.bad_label);
+        a.logits, a.label, a.step, a.training, a.class_margins, a.out, a.data_norm,
+        a.weight_norm, a.rows, a.classes, a.settings, scratch.bad_label);
   }
   // The label check needs one small copy back; it keeps a bad label from
   // advancing the schedule and from passing silently.
   const int bad = read_bad_label(scratch.bad_label, stream);
   if (bad != kNoBadLabel) return bad;
-  advance_step_kernel<<<1, 1, 0, stream>>>(a.step, a.beta_used, a.settings);
+  advance_step_kernel<<<1, 1, 0, stream>>>(a.step, a.training, a.beta_used, a.settings);
   return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
 }
 
@@ -288,7 +303,7 @@ int backward_gpu_launch(const GpuBackward<T, L>& a) {
   cudaMemsetAsync(scratch.along_weight, 0, sizeof(double) * a.classes, stream);
   if (a.rows > 0) {
     backward_target_kernel<<<blocks_for(a.rows), kThreads, 0, stream>>>(
-        a.grad_output, a.logits, a.label, a.class_margins, a.beta_used, a.data_norm,
+        a.grad_output, a.logits, a.label, a.training, a.class_margins, a.beta_used, a.data_norm,
         a.weight_norm, a.grad_logits,
         scratch.row_sum, scratch.along_data, scratch.along_weight, a.rows, a.classes, a.settings,
         scratch.bad_label);
