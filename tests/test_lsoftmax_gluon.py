@@ -250,3 +250,23 @@ def test_a_parent_network_predicts_before_it_trains(backend, kind):
     out.backward()
     assert out.shape == (8, 3) and network.head.step.data().asscalar() == 1
     assert np.abs(network.body.weight.grad().asnumpy()).max() > 0
+
+
+@pytest.mark.parametrize("kind", ["lsoftmax", "arcface"])
+def test_a_parent_network_validates_with_labels_outside_training(backend, kind):
+    """A validation loop calls the trained network with its labels, not recording: the cached
+    training graph then runs outside training and gives the plain logits, the step kept (the
+    compiled graph reads MXNet's is_train through its Dropout flag)."""
+    data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=12)
+    x, y = nd(data, "float32"), nd(label, "float32")
+    network = BodyAndHead(kind, backend)
+    network.initialize(mx.init.Xavier())
+    network.hybridize()
+    with autograd.record():
+        trained = network(x, y)
+    trained.backward()
+    validated = network(x, y).asnumpy()
+    plain = network.head(network.body(x)).asnumpy()
+    np.testing.assert_allclose(validated, plain, rtol=1e-6, atol=1e-6)
+    assert np.abs(trained.asnumpy() - plain).max() > 1e-3  # the margin acted in training
+    assert network.head.step.data().asscalar() == 1
