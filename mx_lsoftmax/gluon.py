@@ -132,6 +132,16 @@ class MarginDense(HybridBlock):
         and (C, D) arrays of the layer (docs/performance.md). Outputs and
         gradients are still fresh arrays; another input shape re-plans the graph.
         """
+        if kwargs.get("backend") and self.backend == "compiled":
+            # A subgraph backend partitions the cached graph, the training graph only (plain calls
+            # never enter it), with passes meant for inference: MKLDNN's removes the Dropout from
+            # which the compiled graph learns whether MXNet trains, and the layer would then give
+            # plain logits while training, silently.
+            raise ValueError(f"{self.__class__.__name__}.hybridize parameter backend={kwargs['backend']!r}: the "
+                             f"block's cached graph is its training graph, and a subgraph backend's inference "
+                             f"passes would remove what tells the compiled op that MXNet trains; hybridize "
+                             f"without a backend (predictions never use the cached graph), or use "
+                             f"backend='python' for the layer")
         super().hybridize(active, static_alloc=True if static_alloc is None else static_alloc,
                           static_shape=True if static_shape is None else static_shape, **kwargs)
 

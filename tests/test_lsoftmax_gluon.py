@@ -270,3 +270,30 @@ def test_a_parent_network_validates_with_labels_outside_training(backend, kind):
     np.testing.assert_allclose(validated, plain, rtol=1e-6, atol=1e-6)
     assert np.abs(trained.asnumpy() - plain).max() > 1e-3  # the margin acted in training
     assert network.head.step.data().asscalar() == 1
+
+
+def test_a_subgraph_backend_is_refused_by_the_compiled_block_and_documented_for_networks(backend):
+    """MXNet's MKLDNN subgraph backend (hybridize(backend='MKLDNN'), an inference optimisation)
+    removes Dropout from the graph it partitions, and with it the compiled graph's training flag:
+    the compiled block refuses it by name; in a network so hybridized the compiled layer gives the
+    plain logits even while training (README), the Python op still trains."""
+    from mx_lsoftmax.gluon import ArcFaceDense
+    data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=13)
+    x, y = nd(data, "float32"), nd(label, "float32")
+    block = ArcFaceDense(3, in_units=6, backend=backend, s=4.0)
+    block.initialize()
+    if backend == "compiled":
+        with pytest.raises(ValueError, match="hybridize parameter backend='MKLDNN'"):
+            block.hybridize(backend="MKLDNN")
+    network = BodyAndHead("arcface", backend)
+    network.initialize(mx.init.Xavier())
+    network.hybridize(backend="MKLDNN")
+    with autograd.record():
+        out = network(x, y)
+    plain = network.head(network.body(x)).asnumpy()
+    if backend == "compiled":
+        np.testing.assert_allclose(out.asnumpy(), plain, rtol=1e-6, atol=1e-6)
+        assert network.head.step.data().asscalar() == 0
+    else:
+        assert np.abs(out.asnumpy() - plain).max() > 1e-3
+        assert network.head.step.data().asscalar() == 1
