@@ -1,4 +1,5 @@
 """The schedule advances once per training step in every way of running the layer."""
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import mx_lsoftmax
 from mx_lsoftmax import spec
 from mx_lsoftmax.gluon import LSoftmaxDense, MarginDense
 
-from conftest import TOLERANCE, angle_clear_inputs, nd
+from conftest import KIND_CASES, TOLERANCE, angle_clear_inputs, kind_inputs, nd
 
 SCHEDULE = dict(beta=8.0, beta_min=0.3, scale=0.5, gamma=0.1, power=1.5)
 STEPS = 5
@@ -438,7 +439,6 @@ def test_the_training_graph_names_its_nodes_after_the_layer(backend, kind, tmp_p
     """print_summary, profiles and exports show the layer's nodes under its name: every operator
     the layer adds to a graph, training or plain, is named ``{name}...``, and its only new
     variable is ``{name}_step``; in a Gluon block, under the block's prefix."""
-    import json
     symbol = mx_lsoftmax.margin_logits(mx.sym.var("features"), mx.sym.var("classifier"), mx.sym.var("label"), 5,
                                        kind, backend=backend, name="head", weight_grad_req="add")
     nodes = json.loads(symbol.tojson())["nodes"]
@@ -463,7 +463,6 @@ def test_a_bound_graph_outside_training_gives_the_plain_logits(backend, kind):
     """Module's score and predict run the training graph with is_train=False: the plain logits
     (K2) and their gradient, the step kept; then a training forward as before. The compiled op
     is told by a flag the graph derives from is_train (lib_api passes none)."""
-    from conftest import KIND_CASES, kind_inputs
     values = next(values for case_kind, values in KIND_CASES.values() if case_kind == kind)
     data, weight, label = kind_inputs(kind, values, 12, 5, 4, seed=8)
     symbol = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 4, kind,
@@ -522,7 +521,6 @@ def test_a_graph_bound_without_gradients_runs_as_the_readme_says(backend):
     """README: on the CPU, MXNet's default graph backend runs a graph bound without any gradient as
     an inference graph even under forward(is_train=True), its Dropout included; the compiled layer,
     told by a Dropout, then gives the plain logits, while the Python op (told by MXNet) trains."""
-    from conftest import kind_inputs
     values = dict(margin=0.5, s=8.0)
     data, weight, label = kind_inputs("arcface", values, 12, 5, 4, seed=11)
     symbol = mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 4,

@@ -80,13 +80,13 @@ __global__ void norms_kernel(const T* rows, int64_t dims, double* norms) {
   if (threadIdx.x == 0) norms[blockIdx.x] = norm;
 }
 
-// Norms of the target rows only (lsoftmax); rows sharing a class write the same value.
 // The training flag of GpuForward and GpuBackward, read on the device (no copy back, no sync);
 // null counts as training.
 __device__ bool is_training(const float* training) {
   return training == nullptr || *training != 0.0f;
 }
 
+// Norms of the target rows only (lsoftmax); rows sharing a class write the same value.
 template <typename T, typename L>
 __global__ void target_norms_kernel(const T* weight, const L* label, const float* training,
                                     int64_t classes, int64_t dims, double* weight_norm) {
@@ -170,22 +170,20 @@ __global__ void backward_target_kernel(const T* grad_output, const T* logits, co
   if (i >= rows) return;
   const double a = data_norm[i];
   double along = settings.normalise_features ? -row_sum[i] / (a > 0.0 ? a : 1.0) : 0.0;
-  if (!is_training(training)) {  // the plain logits' gradient: no target column
-    along_data[i] = a > 0.0 ? along / a : 0.0;
-    return;
+  if (is_training(training)) {  // else the plain logits' gradient: no target column
+    const int64_t y = checked_class(label, i, classes, bad_label);
+    if (y < 0) return;
+    const double b = weight_norm[y];
+    const double g = grad_output[i * classes + y];
+    const TargetColumn column =
+        target_column(row_settings(settings, class_margins, y), logits[i * classes + y], a, b,
+                      static_cast<double>(beta_used[0]), angle_floor<T>());
+    grad_logits[i * classes + y] = static_cast<T>(g * column.d_f);
+    along += g * column.p;
+    // Only the sample's own class: a non-finite row reaches no other class's gradient.
+    if (b > 0.0) atomicAdd(along_weight + y, g * column.q / b);
   }
-  const int64_t y = checked_class(label, i, classes, bad_label);
-  if (y < 0) return;
-  const double b = weight_norm[y];
-  const double g = grad_output[i * classes + y];
-  const TargetColumn column =
-      target_column(row_settings(settings, class_margins, y), logits[i * classes + y], a, b,
-                    static_cast<double>(beta_used[0]), angle_floor<T>());
-  grad_logits[i * classes + y] = static_cast<T>(g * column.d_f);
-  along += g * column.p;
   along_data[i] = a > 0.0 ? along / a : 0.0;
-  // Only the sample's own class: a non-finite row reaches no other class's gradient.
-  if (b > 0.0) atomicAdd(along_weight + y, g * column.q / b);
 }
 
 // out[r, d] = coefficient[r] * rows[r, d]: the norm paths P_i x_i / a_i and (lsoftmax) Q_j w_j / b_j.
