@@ -17,11 +17,12 @@ import mxnet as mx
 import numpy as np
 
 from . import graph, library
+from .arrays import accepts_numpy_interface
 from .kinds import MarginSettings
 from .op import FLOAT, check_labels
 
 __all__ = ["margin_logits", "lsoftmax", "inference_symbol", "resolve_backend", "new_step", "ldam_margins",
-           "BACKENDS", "check_num_classes", "check_batch", "check_inputs", "check_class_margins",
+           "BACKENDS", "check_num_classes", "check_batch", "check_inputs", "check_input_types", "check_class_margins",
            "margin_settings"]
 
 BACKENDS = ("auto", "python", "compiled")
@@ -55,6 +56,25 @@ def check_batch(data):
     if data.ndim >= 1 and data.shape[0] == 0:
         raise ValueError(f"margin softmax input data is an empty batch (shape {data.shape}): MXNet 1.9.1's "
                          f"FullyConnected cannot run on N = 0 either; skip empty batches")
+
+
+def check_input_types(reason="as data is", **inputs):
+    """Every given input an NDArray (legacy or ``mx.np``), or every one a Symbol, as ``data``
+    is (None inputs left out); ``reason`` None: Symbols only. TypeError naming the input and
+    the type it got."""
+    symbolic = reason is None or isinstance(inputs["data"], mx.sym.Symbol)
+    wanted, what = (mx.sym.Symbol, "a Symbol") if symbolic else (mx.nd.NDArray, "an NDArray")
+    for name, value in inputs.items():
+        if value is None or isinstance(value, wanted):
+            continue
+        got = f"{type(value).__module__}.{type(value).__name__}"
+        if not isinstance(value, (mx.sym.Symbol, mx.nd.NDArray)):
+            hint = " (convert with mx.nd.array)" if isinstance(value, (np.ndarray, list, tuple)) else ""
+            raise TypeError(f"margin softmax input {name} must be an MXNet NDArray or Symbol, got {got}{hint}")
+        because = (f", {reason}" if reason else
+                   " (inference_symbol builds a graph; for NDArrays, margin_logits gives the plain logits "
+                   "outside autograd.record())")
+        raise TypeError(f"margin softmax input {name} must be {what}{because}, got {got}")
 
 
 def _check_arrays(data, weight, label, num_classes):
@@ -129,6 +149,7 @@ def check_inputs(data, weight, label, num_classes):
     return None if label is None else check_labels(label, num_classes)
 
 
+@accepts_numpy_interface
 def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="auto", step=None,
                   name=None, class_margins=None, weight_grad_req="write", **settings):
     """Margin-softmax logits of any kind, for NDArrays or Symbols.
@@ -138,7 +159,8 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     data : NDArray or Symbol, (N, D) float32/float64 features.
     weight : NDArray or Symbol, (C, D), FullyConnected layout, no bias; the raw parameter
         (the normalised kinds normalise it inside the layer, with the exact gradient).
-    label : NDArray or Symbol, (N,) class indices in [0, C) (float or integer dtype).
+    label : NDArray or Symbol, (N,) class indices in [0, C) (float or integer dtype);
+        None: the plain logits (a Symbol: the plain graph, as ``inference_symbol``).
     num_hidden : int, the number of classes C.
     kind : 'lsoftmax' (default), 'sphereface', 'cosface', 'arcface' or 'combined'.
     backend : 'auto' (default), 'python' or 'compiled'.
@@ -164,7 +186,8 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     -------
     NDArray (N, C): training logits when autograd is recording in training mode,
     else the plain logits of the kind. Symbol (N, C): the training graph; build
-    the plain graph with ``inference_symbol``.
+    the plain graph with ``inference_symbol``. NumPy-interface inputs (``mx.np``
+    arrays, ``mx.sym.np`` symbols) give a NumPy-interface output.
 
     Notes
     -----
@@ -177,6 +200,7 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
     if weight_grad_req not in ("write", "add"):
         raise ValueError(f"margin softmax parameter weight_grad_req must be 'write' or 'add', "
                          f"got {weight_grad_req!r}")
+    check_input_types(data=data, weight=weight, label=label, step=step, class_margins=class_margins)
     parsed = margin_settings(kind, settings, class_margins is not None, "input")
     backend = resolve_backend(backend)
     name = name or kind
@@ -185,7 +209,7 @@ def margin_logits(data, weight, label, num_hidden, kind="lsoftmax", backend="aut
             step = mx.sym.Variable(f"{name}_step", shape=(1,), init=mx.init.Zero())
         return graph.build(mx.sym, data, weight, label, step, num_classes, parsed, backend, name,
                            class_margins, weight_grad_req)
-    if not mx.autograd.is_training():
+    if label is None or not mx.autograd.is_training():
         check_inputs(data, weight, None, num_classes)
         return graph.build(mx.nd, data, weight, None, None, num_classes, parsed, backend, name)
     check_inputs(data, weight, label, num_classes)
@@ -240,12 +264,14 @@ def _static_graph(num_classes, settings, data_shape, dtype, label_dtype, context
     return mx.nd.CachedOp(symbol, flags=[("static_alloc", True), ("static_shape", True)])
 
 
+@accepts_numpy_interface
 def inference_symbol(data, weight, num_hidden, kind="lsoftmax", name=None, **settings):
     """The plain-logit graph of a kind (K2), sharing ``weight`` with a training graph.
 
     Stock MXNet operators only: it runs (and exports) without mx_lsoftmax.
     ``settings`` as ``margin_logits``; only ``s`` changes the plain logits.
     """
+    check_input_types(reason=None, data=data, weight=weight)
     parsed = MarginSettings(kind, **settings)
     return graph.build(mx.sym, data, weight, None, None, check_num_classes(num_hidden), parsed,
                        "python", name or kind)

@@ -9,7 +9,7 @@ from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
 from . import graph
-from .dispatch import (check_class_margins, check_inputs, check_num_classes, ldam_margins,
+from .dispatch import (check_class_margins, check_input_types, check_inputs, check_num_classes, ldam_margins,
                        margin_logits, margin_settings, resolve_backend)
 from .kinds import KINDS, SETTINGS
 
@@ -82,6 +82,8 @@ class MarginDense(HybridBlock):
             if class_margins is not None:
                 values = mx.nd.array(class_margins, dtype=dtype)
                 check_class_margins(values, self._units, values.dtype)
+                if mx.util.is_np_array():  # NumPy-mode Gluon keeps NumPy-interface parameters
+                    values = values.as_np_ndarray()
                 self.class_margins = self.params.get_constant("class_margins", values)
 
     @property
@@ -99,6 +101,7 @@ class MarginDense(HybridBlock):
         return self.settings.beta_at(float(self.step.data(self.step.list_ctx()[0]).asscalar()))
 
     def forward(self, x, label=None):
+        check_input_types(data=x, label=label)
         plain = label is None or not autograd.is_training()
         if isinstance(x, mx.nd.NDArray):
             # Before the cached graph: an error raised inside a Python CustomOp reaches the
@@ -123,8 +126,10 @@ class MarginDense(HybridBlock):
             self._clear_cached_op()
         return super().forward(x, label)
 
-    def hybridize(self, active=True, static_alloc=None, static_shape=None, **kwargs):
-        """As ``HybridBlock.hybridize``, but with static memory unless told otherwise.
+    def hybridize(self, active=True, backend=None, clear=True, static_alloc=None, static_shape=None,
+                  inline_limit=2, forward_bulk_size=None, backward_bulk_size=None, **backend_options):
+        """As ``HybridBlock.hybridize`` (same parameters, in the same order: ``optimize_for``
+        passes them by position), but with static memory unless told otherwise.
 
         ``static_alloc`` and ``static_shape`` default to True here (False in
         Gluon): MXNet 1.9.1 does not pool CPU memory, and without static
@@ -132,18 +137,19 @@ class MarginDense(HybridBlock):
         and (C, D) arrays of the layer (docs/performance.md). Outputs and
         gradients are still fresh arrays; another input shape re-plans the graph.
         """
-        if kwargs.get("backend") and self.backend == "compiled":
+        if backend and self.backend == "compiled":
             # A subgraph backend partitions the cached graph, the training graph only (plain calls
             # never enter it), with passes meant for inference: MKLDNN's removes the Dropout from
             # which the compiled graph learns whether MXNet trains, and the layer would then give
             # plain logits while training, silently.
-            raise ValueError(f"{self.__class__.__name__}.hybridize parameter backend={kwargs['backend']!r}: the "
+            raise ValueError(f"{self.__class__.__name__}.hybridize parameter backend={backend!r}: the "
                              f"block's cached graph is its training graph, and a subgraph backend's inference "
                              f"passes would remove what tells the compiled op that MXNet trains; hybridize "
                              f"without a backend (predictions never use the cached graph), or use "
                              f"backend='python' for the layer")
-        super().hybridize(active, static_alloc=True if static_alloc is None else static_alloc,
-                          static_shape=True if static_shape is None else static_shape, **kwargs)
+        super().hybridize(active, backend, clear, True if static_alloc is None else static_alloc,
+                          True if static_shape is None else static_shape, inline_limit, forward_bulk_size,
+                          backward_bulk_size, **backend_options)
 
     def infer_shape(self, x, label=None, *args):
         self.weight.shape = (self._units, x.shape[1])
@@ -166,16 +172,19 @@ class MarginDense(HybridBlock):
         return graph.build(F, x, weight, label, step, self._units, self.settings, self.backend, "fwd",
                            class_margins, weight_grad_req)
 
-    def export(self, path, epoch=0):
+    def export(self, path, epoch=0, remove_amp_cast=True):
         """Write the inference graph (the kind's plain logits, input ``data``) for
         ``SymbolBlock.imports`` and ``mx.mod.Module``: ``{path}-symbol.json`` and
-        ``{path}-{epoch:04d}.params``. Loading them needs MXNet only, not mx_lsoftmax."""
+        ``{path}-{epoch:04d}.params``. Loading them needs MXNet only, not mx_lsoftmax.
+        ``remove_amp_cast`` as in ``HybridBlock.export``."""
         # The weight first: a block whose shape is still deferred raises before any file is written.
         weight = self.weight.data(self.weight.list_ctx()[0]).as_in_context(mx.cpu())
         symbol = graph.build(mx.sym, mx.sym.var("data"), mx.sym.var(self.weight.name), None, None,
                              self._units, self.settings, self.backend, self.prefix + "fwd")
-        symbol.save(f"{path}-symbol.json", remove_amp_cast=True)
-        mx.nd.save(f"{path}-{epoch:04d}.params", {f"arg:{self.weight.name}": weight})
+        symbol.save(f"{path}-symbol.json", remove_amp_cast=remove_amp_cast)
+        # As HybridBlock.export: NumPy mode saves (and SymbolBlock.imports loads) with npx.
+        save = mx.npx.save if mx.util.is_np_array() else mx.nd.save
+        save(f"{path}-{epoch:04d}.params", {f"arg:{self.weight.name}": weight})
         return f"{path}-symbol.json", f"{path}-{epoch:04d}.params"
 
     def __repr__(self):

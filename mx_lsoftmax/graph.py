@@ -9,6 +9,7 @@ import itertools
 
 import mxnet as mx
 
+from .arrays import accepts_numpy_interface, unknown_size
 from .kinds import MarginSettings
 
 __all__ = ["build", "COMPILED_OP", "COMPILED_NORMALISE_OP"]
@@ -58,10 +59,11 @@ def _declare_shape(symbol, shape):
     passes them only the inputs'), and MXNet 1.9.1's lib_api bridge sizes its
     copy of the input shapes by their ranks, counting an unknown rank as -1:
     an input of unknown rank makes it write past the end of that copy. With
-    the rank declared, the ops fill in the sizes themselves.
+    the rank declared, the ops fill in the sizes themselves. ``shape`` writes an
+    unknown size as 0, as legacy shapes do.
     """
     if symbol.get_children() is None and symbol.attr("__shape__") is None:
-        symbol._set_attr(__shape__=str(shape))
+        symbol._set_attr(__shape__=str(tuple(size or unknown_size() for size in shape)))
 
 
 class _NamedAfterLayer(mx.name.NameManager):
@@ -77,6 +79,7 @@ class _NamedAfterLayer(mx.name.NameManager):
         return self._old_manager.get(name, hint if name else f"{self._layer}_{hint}")
 
 
+@accepts_numpy_interface
 def build(F, data, weight, label, step, num_classes, settings, backend, name, class_margins=None,
           weight_grad_req="write"):
     """The layer's output (N, C).
@@ -86,7 +89,8 @@ def build(F, data, weight, label, step, num_classes, settings, backend, name, cl
     advancing ``step`` (the schedule's auxiliary state); ``class_margins`` (C,) is
     the extra input of settings with ``per_class_margin`` (K10). ``weight_grad_req`` 'add':
     the compiled graph reads the weight through a copy (``margin_logits``).
-    Every operator of a Symbol graph is named ``{name}...``.
+    Every operator of a Symbol graph is named ``{name}...``. NumPy-interface inputs
+    (``mx.np``, ``mx.sym.np``) give a NumPy-interface output.
     """
     if not isinstance(settings, MarginSettings):
         raise TypeError("settings must be a MarginSettings")

@@ -1,6 +1,6 @@
-"""Four small adaptations of MXNet 1.9.1 that the margin layers need.
+"""Five small adaptations of MXNet 1.9.1 that the margin layers need.
 
-All four are installed once, on import, and change nothing for code that does not
+All five are installed once, on import, and change nothing for code that does not
 meet the margin ops.
 
 1. Schedule state under any initializer. ``mx.sym.Custom(..., op_type='MarginSoftmax')``
@@ -34,15 +34,23 @@ meet the margin ops.
    time such a network predicts before it trains. Where Gluon's own inference raises
    that KeyError, it is run again setting only the parameters the graph reads; the
    others keep the shapes they were declared with.
+
+5. Schedule state in a ``gluon.SymbolBlock``. A SymbolBlock made from a training graph
+   (``margin_logits`` on Symbols, ``mx.sym.Custom``) ignores the variables' ``__init__``
+   attributes, so ``initialize()`` gave the ``step`` counter the global initializer:
+   uniform noise (the schedule started at t = 0.04, not 0), or with ``Xavier`` an error
+   (a (1,) array). In a SymbolBlock whose graph holds a margin op, the auxiliary states
+   named ``*_step`` start at zero, as in Module and in the margin blocks.
 """
 import atexit
 import functools
+import json
 import threading
 import warnings
 
 import mxnet as mx
 import mxnet.base
-from mxnet.gluon import HybridBlock
+from mxnet.gluon import HybridBlock, SymbolBlock
 from mxnet.gluon.block import _flatten
 
 __all__ = ["relay_errors", "install"]
@@ -169,9 +177,43 @@ def _infer_only_what_the_graph_reads():
     HybridBlock._infer_attrs = _infer_attrs
 
 
+# The operators whose auxiliary state is the schedule's step (graph.py, op.py).
+_MARGIN_OPS = ({"op": "Custom", "op_type": "MarginSoftmax"}, {"op": "Custom", "op_type": "LSoftmax"},
+               {"op": "margin_softmax_target"})
+
+
+def _holds_a_margin_op(symbol):
+    for node in json.loads(symbol.tojson())["nodes"]:
+        described = dict(node.get("attrs", {}), op=node["op"])
+        if any(all(described.get(key) == value for key, value in op.items()) for op in _MARGIN_OPS):
+            return True
+    return False
+
+
+def _start_symbol_block_schedules_at_zero():
+    original = SymbolBlock.__init__
+    if getattr(original, "_margin_softmax_steps", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, outputs, inputs, params=None):
+        original(self, outputs, inputs, params)
+        symbol = self._cached_graph[1]
+        if not _holds_a_margin_op(symbol):
+            return
+        steps = {name for name in symbol.list_auxiliary_states() if name.endswith("_step")}
+        for parameter in self.params.values():
+            if parameter.name in steps and parameter.init is None:
+                parameter.init = mx.init.Zero()
+
+    __init__._margin_softmax_steps = True
+    SymbolBlock.__init__ = __init__
+
+
 def install():
-    """Install the four adaptations (idempotent)."""
+    """Install the five adaptations (idempotent)."""
     _zero_initialise_schedule_steps()
     _relay_into_mxnet_errors()
     _finish_pending_work_at_exit()
     _infer_only_what_the_graph_reads()
+    _start_symbol_block_schedules_at_zero()

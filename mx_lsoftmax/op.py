@@ -29,6 +29,7 @@ from mxnet.ndarray._internal import _imperative_invoke
 from mxnet.base import _LIB, OpHandle, c_str, check_call
 
 from . import hooks
+from .arrays import on_legacy_arrays
 from .hooks import relay_errors
 from .kinds import KINDS, MarginSettings, angle_floor
 
@@ -284,6 +285,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
         return buffer
 
     @relay_errors
+    @on_legacy_arrays
     def forward(self, is_train, req, in_data, out_data, aux):
         data, weight, label = in_data[:3]
         row = self.settings.row
@@ -356,6 +358,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
                     o=column["o"], d_f=column["d_f"], p=p, q=q)
 
     @relay_errors
+    @on_legacy_arrays
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         """Gradients by (K8): the two products on G' and O(N D + C D) row scalings.
 

@@ -222,3 +222,59 @@ def test_symbol_graph_errors_name_the_input(backend, settings, message):
     module.forward(mx.io.DataBatch([nd(GOOD["data"], "float32")], [nd(GOOD["label"])]), is_train=True)
     assert module.get_outputs()[0].shape == (4, 5)
     assert_still_working()
+
+
+def test_inputs_of_the_wrong_type_are_named(backend):
+    """A NumPy array, a list, or a Symbol among NDArrays (and the reverse): a TypeError naming
+    the input and its type, before MXNet's own messages (an AttributeError on ``asnumpy``, an
+    assertion on 'Positional arguments')."""
+    from mx_lsoftmax.gluon import CosFaceDense
+    x, w, y = (nd(GOOD[name], "float32") for name in ("data", "weight", "label"))
+    symbols = [mx.sym.var(name) for name in ("data", "weight", "label")]
+    cases = [
+        (dict(data=GOOD["data"]), "input data must be an MXNet NDArray or Symbol, got numpy.ndarray "
+                                  "(convert with mx.nd.array)"),
+        (dict(data=GOOD["data"].tolist()), "input data must be an MXNet NDArray or Symbol, got builtins.list"),
+        (dict(label=GOOD["label"]), "input label must be an MXNet NDArray or Symbol, got numpy.ndarray"),
+        (dict(weight=symbols[1]), "input weight must be an NDArray, as data is, got mxnet.symbol.symbol.Symbol"),
+        (dict(step=mx.sym.var("step")), "input step must be an NDArray, as data is, got mxnet.symbol"),
+        (dict(data=symbols[0], weight=w, label=symbols[2]),
+         "input weight must be a Symbol, as data is, got mxnet.ndarray.ndarray.NDArray"),
+        (dict(data=symbols[0], weight=symbols[1], label=y),
+         "input label must be a Symbol, as data is, got mxnet.ndarray.ndarray.NDArray"),
+    ]
+    for recording in (True, False):
+        for change, message in cases:
+            arguments = dict(dict(data=x, weight=w, label=y), **change)
+            with pytest.raises(TypeError) as error, autograd.record(train_mode=recording):
+                mx_lsoftmax.margin_logits(num_hidden=5, kind="cosface", backend=backend, **arguments)
+            assert message in str(error.value)
+    with pytest.raises(TypeError, match="input data must be a Symbol .inference_symbol builds a graph"):
+        mx_lsoftmax.inference_symbol(x, w, 5, "cosface")
+    with pytest.raises(TypeError, match="input weight must be a Symbol"):
+        mx_lsoftmax.inference_symbol(symbols[0], w, 5, "cosface")
+    block = CosFaceDense(5, in_units=3, backend=backend)
+    block.initialize()
+    for hybridize in (False, True):
+        block.hybridize(hybridize)
+        with pytest.raises(TypeError, match="input data must be an MXNet NDArray or Symbol, got numpy.ndarray"):
+            block(GOOD["data"])
+        with pytest.raises(TypeError, match="input label must be an MXNet NDArray or Symbol, got numpy.ndarray"), \
+                autograd.record():
+            block(x, GOOD["label"])
+        with autograd.record():
+            assert block(x, y).shape == (4, 5)
+    assert_still_working()
+
+
+def test_no_label_while_training_gives_the_plain_logits(backend):
+    """``label=None`` is a plain call in every mode (the blocks' ``block(x)`` rule): the plain
+    logits, the schedule left alone (the compiled backend failed on ``None.dtype``)."""
+    x, w = nd(GOOD["data"], "float64"), nd(np.random.default_rng(3).standard_normal((5, 3)), "float64")
+    step = mx_lsoftmax.new_step(dtype="float64")
+    with autograd.record():
+        out = mx_lsoftmax.margin_logits(x, w, None, 5, "cosface", backend=backend, step=step, s=4.0)
+    expected = 4.0 * (GOOD["data"] / np.linalg.norm(GOOD["data"], axis=1, keepdims=True)) @ \
+        (w.asnumpy() / np.linalg.norm(w.asnumpy(), axis=1, keepdims=True)).T
+    np.testing.assert_allclose(out.asnumpy(), expected, rtol=1e-12, atol=1e-12)
+    assert step.asscalar() == 0

@@ -10,7 +10,9 @@ from mxnet import autograd, gluon
 import mx_lsoftmax
 from mx_lsoftmax.gluon import LSoftmaxDense, MarginDense
 
-from conftest import angle_clear_inputs, nd
+from mx_lsoftmax import spec
+
+from conftest import TOLERANCE, angle_clear_inputs, nd
 
 SCHEDULE = dict(margin=3, beta=20.0, scale=0.8, beta_min=0.5)
 
@@ -62,6 +64,9 @@ def test_export_reloads_without_mx_lsoftmax(backend, tmp_path):
     train(block, data, label, 2)
     symbol_file, params_file = block.export(str(tmp_path / "head"))
     live = block(nd(data, "float32")).asnumpy()
+    # HybridBlock.export's parameters, by position too.
+    assert block.export(str(tmp_path / "again"), 3, False) == (str(tmp_path / "again-symbol.json"),
+                                                             str(tmp_path / "again-0003.params"))
     np.save(tmp_path / "data.npy", data.astype("float32"))
     code = f"""
 import sys, numpy as np, mxnet as mx
@@ -297,3 +302,62 @@ def test_a_subgraph_backend_is_refused_by_the_compiled_block_and_documented_for_
     else:
         assert np.abs(out.asnumpy() - plain).max() > 1e-3
         assert network.head.step.data().asscalar() == 1
+
+
+def test_hybridize_takes_gluons_parameters_in_gluons_order(backend):
+    """``HybridBlock.hybridize``'s parameters by position (``optimize_for`` passes them so): the
+    block keeps Gluon's order, defaulting only the static memory to on."""
+    from mx_lsoftmax.gluon import ArcFaceDense
+    data, _, label = angle_clear_inputs(8, 6, 3, 2, seed=14)
+    x, y = nd(data, "float32"), nd(label, "float32")
+    block = ArcFaceDense(3, in_units=6, backend=backend, s=4.0)
+    block.initialize()
+    block.hybridize(True, None, True, False, False, 3)
+    assert dict(block._flags) == dict(static_alloc=False, static_shape=False, inline_limit=3)
+    block.hybridize()
+    assert dict(block._flags)["static_alloc"] and dict(block._flags)["static_shape"]
+    if backend == "compiled":
+        with pytest.raises(ValueError, match="hybridize parameter backend='MKLDNN'"):
+            block.optimize_for(x, y, backend="MKLDNN")
+        return
+    block.optimize_for(x, y, backend="MKLDNN")
+    with autograd.record():
+        out = block(x, y)
+    out.backward()
+    assert np.abs(out.asnumpy() - block(x).asnumpy()).max() > 1e-3  # the margin acted in training
+    assert block.step.data().asscalar() == 1
+
+
+def trains_from_step_zero_in_a_symbol_block(make_output):
+    """``gluon.SymbolBlock`` ignores the step variable's zero initializer: the schedule started
+    at the global initializer's noise (t = 0.04), and ``Xavier`` failed on the (1,) array."""
+    data, weight, label = angle_clear_inputs(8, 6, 3, 3, seed=15)
+    settings = dict(margin=3, beta=8.0, scale=0.5)
+    symbols = [mx.sym.var(name) for name in ("data", "weight", "label")]
+    block = mx.gluon.SymbolBlock(make_output(*symbols, **settings), [symbols[0], symbols[2]])
+    block.cast("float64")
+    block.initialize(mx.init.Xavier())
+    block(nd(data, "float64"), nd(label, "float64"))  # deferred shapes, outside training
+    block.collect_params()["weight"].set_data(nd(weight))
+    step = block.collect_params()["head_step"]
+    assert step.data().asscalar() == 0
+    for t in range(3):
+        with autograd.record():
+            out = block(nd(data, "float64"), nd(label, "float64"))
+        out.backward()
+        beta = mx_lsoftmax.beta_at(t, beta=settings["beta"], scale=settings["scale"])
+        np.testing.assert_allclose(out.asnumpy(), spec.forward(data, weight, label, 3, beta),
+                                   **TOLERANCE["float64"])
+    assert step.data().asscalar() == 3
+
+
+def test_a_symbol_block_of_the_training_graph_starts_its_schedule_at_zero(backend):
+    trains_from_step_zero_in_a_symbol_block(
+        lambda data, weight, label, **settings: mx_lsoftmax.lsoftmax(data, weight, label, 3, backend=backend,
+                                                                     name="head", **settings))
+
+
+def test_a_symbol_block_of_the_custom_op_starts_its_schedule_at_zero():
+    trains_from_step_zero_in_a_symbol_block(
+        lambda data, weight, label, **settings: mx.sym.Custom(data, weight, label, op_type="LSoftmax",
+                                                              num_hidden=3, name="head", **settings))
