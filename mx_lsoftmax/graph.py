@@ -26,12 +26,13 @@ def _normalised_rows(F, rows, scale=None):
     MXNet without mx_lsoftmax.
     """
     norms = F.norm(rows, axis=1, keepdims=True)
-    inverse = 1.0 / (norms + (norms == 0))
-    if scale is not None:
-        inverse = inverse * scale
-    # A same-shape product, not broadcast_div: shape inference then runs both ways, so a
-    # weight variable without a declared shape gets it from FullyConnected.
-    return F.elemwise_mul(rows, F.broadcast_like(inverse, rows))
+    # A division by the norm, not a product with its reciprocal: 1 / |rows| overflows for a
+    # subnormal norm (below 2.9e-39 in float32), and inf times the row gave NaN logits, where
+    # the quotient of two small numbers is exact. A same-shape operator, not broadcast_div:
+    # shape inference then runs both ways, so a weight variable without a declared shape
+    # gets it from FullyConnected.
+    unit = F.elemwise_div(rows, F.broadcast_like(norms + (norms == 0), rows))
+    return unit if scale is None else unit * scale
 
 
 # Makes every copy of _adding_copy distinct (see there).

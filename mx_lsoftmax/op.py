@@ -65,6 +65,22 @@ def scale_factors(settings, norm_x, norm_w):
     return rho, kappa
 
 
+def check_factor_range(rho, kappa, norm_x, norm_w, dtype):
+    """ValueError naming the rows where rho_i kappa_j leaves ``dtype``: the op scales its raw
+    products by it in ``dtype`` (K6-K8), so their logits and gradients there would be NaN or
+    inf. In float32 that takes |x_i| |w_j| < s / 3.4e38 (docs/derivatives.md, limit of float32)."""
+    largest_row, largest_class = int(np.argmax(rho)), int(np.argmax(kappa))
+    largest = rho[largest_row] * kappa[largest_class]
+    limit = float(np.finfo(dtype).max)
+    if largest > limit:
+        raise ValueError(
+            f"margin softmax inputs data and weight: data row {largest_row} (norm {norm_x[largest_row]:.3g}) and "
+            f"weight row {largest_class} (norm {norm_w[largest_class]:.3g}) make the normalisation's factor "
+            f"{largest:.3g}, beyond {np.dtype(dtype).name} ({limit:.3g}), where the Python op's logits and "
+            f"gradients would be NaN: use float64 data, backend='compiled', or rows of larger norm "
+            f"(zero rows are fine)")
+
+
 def target_column(settings, f, norm_x, norm_w, beta, floor, margin=None):
     """The target logit and its partials, float64 host arrays of shape (N,) (K3, K7, K9).
 
@@ -305,6 +321,7 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             saved["target"] = self._target(data, weight, label, logits, aux[0], saved, class_margins)
         if normalised:
             rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
+            check_factor_range(rho, kappa, saved["norm_x"], saved["norm_all_w"], dtype)
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
             # multiplications over (N, C) cost 2-3 times a plain element-wise one.
             saved["factors"] = outer_product(to_ndarray(rho, context, dtype), to_ndarray(kappa, context, dtype),

@@ -278,3 +278,48 @@ def test_no_label_while_training_gives_the_plain_logits(backend):
         (w.asnumpy() / np.linalg.norm(w.asnumpy(), axis=1, keepdims=True)).T
     np.testing.assert_allclose(out.asnumpy(), expected, rtol=1e-12, atol=1e-12)
     assert step.asscalar() == 0
+
+
+@pytest.mark.parametrize("kind, tiny", [("cosface", "data"), ("arcface", "data"), ("sphereface", "weight"),
+                                        ("combined", "weight")])
+def test_rows_too_small_for_float32_are_named_not_nan(backend, kind, tiny):
+    """float32 rows of norm ~1e-42 (subnormal) under normalisation: the gradient, about
+    s / |x| or 1 / |w| times the logits' gradient, leaves float32 (and the Python op's
+    logits with it). Both backends stop with an error naming the row (docs/derivatives.md,
+    limit of float32) instead of NaN or inf; the CPU ops, not the CUDA kernels."""
+    rng = np.random.default_rng(21)
+    data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
+    if tiny == "data":
+        data[2] *= 1e-42
+    else:
+        weight[1] *= 1e-42
+    label = np.array([0, 1, 2, 1, 0])
+    x, w = nd(data, "float32"), nd(weight, "float32")
+    x.attach_grad()
+    w.attach_grad()
+    with pytest.raises(mx.base.MXNetError) as error:
+        with autograd.record():
+            out = mx_lsoftmax.margin_logits(x, w, nd(label), 3, kind, backend=backend)
+        out.backward(mx.nd.ones_like(out))
+        mx.nd.waitall()
+    row = 2 if tiny == "data" else 1
+    assert f"{tiny} row {row}" in str(error.value) and "float32" in str(error.value)
+    # The plain layer (prediction, export) takes such rows: its unit rows are quotients.
+    plain = mx_lsoftmax.margin_logits(x, w, None, 3, kind, backend=backend).asnumpy()
+    normalise_features = kind != "sphereface"
+    data, weight = (array.astype(np.float32).astype(np.float64) for array in (data, weight))  # as rounded
+    unit_data = data / np.linalg.norm(data, axis=1, keepdims=True) if normalise_features else data
+    unit_weight = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    scale = 64.0 if normalise_features else 1.0
+    # A norm of 1e-42 is itself a float32 subnormal, good to ~1e-3 (steps of 1.4e-45).
+    np.testing.assert_allclose(plain, scale * unit_data @ unit_weight.T, rtol=0, atol=scale * 2e-3)
+    # Ordinary rows still train, and so does float64 with the same tiny row.
+    x64, w64 = nd(data, "float64"), nd(weight, "float64")
+    x64.attach_grad()
+    w64.attach_grad()
+    with autograd.record():
+        out = mx_lsoftmax.margin_logits(x64, w64, nd(label), 3, kind, backend=backend)
+    out.backward(mx.nd.ones_like(out))
+    assert all(np.isfinite(array.asnumpy()).all() for array in (out, x64.grad, w64.grad))
+    assert call(backend).shape == (4, 5)
+    assert_still_working()

@@ -32,6 +32,7 @@
 #include <sys/mman.h>
 #endif
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -546,6 +547,22 @@ void scale_gradient(const T* grad_output, const T* output, T* grad_logits, const
   });
 }
 
+template <typename T>
+const char* type_name() {
+  return std::is_same<T, float>::value ? "float32" : "float64";
+}
+
+// The first of `rows` rows of `width` values with a non-finite entry, or -1.
+template <typename T>
+int64_t first_non_finite_row(const T* values, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < width; ++c) {
+      if (!std::isfinite(values[r * width + c])) return r;
+    }
+  }
+  return -1;
+}
+
 // Whether `exact`, rounded to T, scales a row of T without leaving T's normal range
 // on the way: then the row is scaled in T (vectorised), else in float64.
 template <typename T>
@@ -676,6 +693,18 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
       std::vector<double> rho64;
       feature_factors(p, data_norm, s.rows, &rho64);
       scale_gradient(grad_output, output, grad_logits, rho64, s.rows, s.classes, &row_sum);
+      // G' = G rho can leave T only on rows whose rho does (|x| < s / max(T)); there the
+      // data gradient, about rho |G|, overflows too: an error naming the row, not inf / NaN.
+      for (int64_t i = 0; i < s.rows; ++i) {
+        if (std::isfinite(rho[i]) ||
+            first_non_finite_row(grad_logits + i * s.classes, 1, s.classes) < 0) continue;
+        MARGIN_ERROR << "input data row " << i << " has norm " << data_norm[i]
+                     << ": the gradient of its normalisation (s / |x| times the logits' gradient) "
+                     << "overflows " << type_name<T>() << " (norms below s / "
+                     << std::numeric_limits<T>::max() << " = " << p.s / std::numeric_limits<T>::max()
+                     << " can); use float64 data or features of larger norm (a zero row is fine)";
+        return MX_FAIL;
+      }
     }
   } else {
     parallel_copy(grad_logits, grad_output, s.rows * s.classes);
@@ -858,10 +887,12 @@ inline void combine_row(const float* g, float a, const float* u, float b, float*
 }
 #endif
 
-// dL/dv = along_gradient g_u + along_unit u per row (K11), in one pass.
+// dL/dv = along_gradient g_u + along_unit u per row (K11), in one pass. Returns the first
+// row whose gradient overflowed T (a norm below T's range: 1 / |v| times g_u), or -1.
 template <typename T>
-void normalise_rows_backward_cpu(const T* grad_unit, const double* grad_norm, const T* unit,
-                                 const double* norms, T* grad_rows, int64_t count, int64_t dims) {
+int64_t normalise_rows_backward_cpu(const T* grad_unit, const double* grad_norm, const T* unit,
+                                    const double* norms, T* grad_rows, int64_t count, int64_t dims) {
+  std::atomic<int64_t> overflowed(count);
   parallel_for(count, dims, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = grad_unit + r * dims;
@@ -876,12 +907,19 @@ void normalise_rows_backward_cpu(const T* grad_unit, const double* grad_norm, co
           out[d] = static_cast<T>(row.along_gradient * static_cast<double>(g[d]) +
                                   row.along_unit * static_cast<double>(u[d]));
         }
+        // Only such rows can overflow; the smallest index wins, whichever thread sees it.
+        if (first_non_finite_row(out, 1, dims) >= 0) {
+          int64_t seen = overflowed.load();
+          while (r < seen && !overflowed.compare_exchange_weak(seen, r)) {
+          }
+        }
       }
     }
 #if defined(__SSE2__)
     _mm_sfence();  // the streaming stores are visible before the thread reports its part done
 #endif
   });
+  return overflowed.load() < count ? overflowed.load() : -1;
 }
 
 MXReturnValue normalise_forward_cpu(const std::unordered_map<std::string, std::string>& attrs,
@@ -907,14 +945,20 @@ MXReturnValue normalise_backward_cpu(const std::unordered_map<std::string, std::
   const double* norms = (*inputs)[kNormaliseBackwardNorm].data<double>();
   prefer_huge_pages((*outputs)[kNormaliseRows].data_ptr, dtype_size(unit.dtype) * count * dims);
   zero_tensor_cpu(outputs, kNormaliseData);  // read for its shape only
-  if (unit.dtype == kFloat64) {
-    normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<double>(), grad_norm,
-                                unit.data<double>(), norms,
-                                (*outputs)[kNormaliseRows].data<double>(), count, dims);
-  } else {
-    normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
-                                unit.data<float>(), norms, (*outputs)[kNormaliseRows].data<float>(),
-                                count, dims);
+  const int64_t overflowed =
+      unit.dtype == kFloat64
+          ? normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<double>(), grad_norm,
+                                        unit.data<double>(), norms,
+                                        (*outputs)[kNormaliseRows].data<double>(), count, dims)
+          : normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
+                                        unit.data<float>(), norms,
+                                        (*outputs)[kNormaliseRows].data<float>(), count, dims);
+  if (overflowed >= 0) {
+    NORMALISE_ERROR << "input weight row " << overflowed << " has norm " << norms[overflowed]
+                    << ": its gradient through the normalisation (about |dL/du| / |w|) overflows "
+                    << dtype_name(unit.dtype) << "; use float64 or weight rows of larger norm "
+                    << "(a zero row is fine)";
+    return MX_FAIL;
   }
   return MX_SUCCESS;
 }
