@@ -98,7 +98,7 @@ class MarginDense(HybridBlock):
             # The Python op advances ``step`` from MXNet's custom-op thread, a write the engine
             # does not order before other reads of ``step``: let every pushed op finish first.
             mx.nd.waitall()
-        return self.settings.beta_at(float(self.step.data(self.step.list_ctx()[0]).asscalar()))
+        return self.settings.beta_at(float(self.step.data(self.step.list_ctx()[0]).asnumpy()[0]))
 
     def forward(self, x, label=None):
         check_input_types(data=x, label=label)

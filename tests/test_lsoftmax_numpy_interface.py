@@ -91,7 +91,7 @@ def gluon_training(numpy, backend, head, hybridize, arrays, steps=3):
         block.hybridize()
     trainer = gluon.Trainer(mx_lsoftmax.gluon.trainable_parameters(block), "sgd", {"learning_rate": 0.1})
     loss_function = gluon.loss.SoftmaxCrossEntropyLoss()
-    values = []
+    values = [np.array(block.current_beta)]
     for _ in range(steps):
         with autograd.record():
             out = block(make(data, dtype="float64"), make(label, dtype="float64"))
@@ -102,7 +102,8 @@ def gluon_training(numpy, backend, head, hybridize, arrays, steps=3):
         values += [out.asnumpy(), block.weight.data().asnumpy()]
     prediction = block(make(data, dtype="float64"))
     assert isinstance(prediction, mx.np.ndarray) == numpy
-    return values + [prediction.asnumpy(), block.step.data().asnumpy()]
+    assert repr(block).startswith(type(block).__name__)
+    return values + [np.array(block.current_beta), prediction.asnumpy(), block.step.data().asnumpy()]
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
