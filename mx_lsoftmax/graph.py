@@ -148,7 +148,7 @@ def _build(F, data, weight, label, step, num_classes, settings, backend, name, c
 
 
 def _training_flag(F, name):
-    """(1,) float32: 1 where MXNet runs the graph for training, 0 where it does not.
+    """(1, 1) float32: 1 where MXNet runs the graph for training, 0 where it does not.
 
     lib_api hands a library op no is_train, and a bound graph runs the same op for Module's
     fit (training) and its score and predict (not): the target op reads this flag to give
@@ -156,5 +156,6 @@ def _training_flag(F, name):
     the stock operator that reads is_train: outside training it passes a one through, in
     training it gives 0 or 1 / (1 - p) = 2, never 1, whichever its random draw.
     """
-    one = F.ones(shape=(1,), dtype="float32", name=f"{name}_one")
+    # (1, 1), not (1,): mx.viz.print_summary fails on any 1-D intermediate (IndexError).
+    one = F.ones(shape=(1, 1), dtype="float32", name=f"{name}_one")
     return F.Dropout(one, p=0.5, name=f"{name}_training_dropout") != 1.0

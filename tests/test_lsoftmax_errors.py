@@ -323,3 +323,20 @@ def test_rows_too_small_for_float32_are_named_not_nan(backend, kind, tiny):
     assert all(np.isfinite(array.asnumpy()).all() for array in (out, x64.grad, w64.grad))
     assert call(backend).shape == (4, 5)
     assert_still_working()
+
+
+@pytest.mark.parametrize("training, message", [
+    (mx.nd.ones((2,)), "input training must hold one value, got shape (2,)"),
+    (mx.nd.ones((1, 2)), "input training must hold one value, got shape (1, 2)"),
+])
+def test_compiled_op_takes_one_training_value_of_any_rank(training, message):
+    """The flag is (1, 1) in the layer's graphs, (1,) for direct callers; more values are an error."""
+    if not mx_lsoftmax.library.is_loaded():
+        pytest.skip("the compiled library is not built (run `make`)")
+    inputs = (mx.nd.ones((2, 4)), mx.nd.ones((2, 3)), mx.nd.ones((4, 3)), mx.nd.array([0, 1]), mx.nd.zeros((1,)))
+    with pytest.raises(mx.base.MXNetError) as error:
+        mx.nd.margin_softmax_target(*inputs, training)[0].asnumpy()
+    assert message in str(error.value)
+    for flag in (mx.nd.zeros((1,)), mx.nd.zeros((1, 1))):  # outside training: the plain logits
+        np.testing.assert_array_equal(mx.nd.margin_softmax_target(*inputs, flag)[0].asnumpy(), np.ones((2, 4)))
+    assert_still_working()

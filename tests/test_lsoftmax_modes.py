@@ -459,6 +459,22 @@ def test_the_training_graph_names_its_nodes_after_the_layer(backend, kind, tmp_p
 
 
 @pytest.mark.parametrize("kind", list(mx_lsoftmax.KINDS))
+def test_print_summary_shows_the_training_graph(backend, kind, capsys):
+    """mx.viz.print_summary of a Module user's training graph: it fails (IndexError) on any 1-D
+    intermediate, which the compiled graph's training flag was; every layer node is listed."""
+    label = mx.sym.var("softmax_label")
+    features = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=6, name="embed")
+    head = mx_lsoftmax.margin_logits(features, mx.sym.var("fc_weight"), label, 4, kind, backend=backend,
+                                     name="head")
+    network = mx.sym.SoftmaxOutput(head, label, name="softmax")
+    mx.viz.print_summary(network, shape={"data": (8, 5), "softmax_label": (8,)})
+    printed = capsys.readouterr().out
+    operators = [node["name"] for node in json.loads(network.tojson())["nodes"] if node["op"] != "null"]
+    assert all(f"{name}(" in printed for name in operators), printed
+    assert "Total params:" in printed
+
+
+@pytest.mark.parametrize("kind", list(mx_lsoftmax.KINDS))
 def test_a_bound_graph_outside_training_gives_the_plain_logits(backend, kind):
     """Module's score and predict run the training graph with is_train=False: the plain logits
     (K2) and their gradient, the step kept; then a training forward as before. The compiled op

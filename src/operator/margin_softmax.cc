@@ -7,8 +7,8 @@
  *          weight: W (C, D) for lsoftmax; for the kinds that normalise weights, the float64
  *          norms |w_j| (C,) from margin_softmax_normalise, whose unit rows FullyConnected
  *          used (K11); label (N,) class indices (any real or integer dtype),
- *          step (1,) (mutated: the schedule's auxiliary state), training (1,) float32
- *          (1 where MXNet runs the graph for training, else 0: see enum Input).
+ *          step (1,) (mutated: the schedule's auxiliary state), training: one float32,
+ *          (1,) or (1, 1) (1 where MXNet runs the graph for training, else 0: see enum Input).
  * Outputs: output (N, C), the kind's logits with the target column blended (K2, K3);
  *          beta (1,), the schedule value this forward used (D12);
  *          data_norm (N,) and weight_norm (C,), float64 |x_i| and |w_j| for the backward
@@ -57,7 +57,7 @@ namespace margin_softmax {
 // Forward inputs, and backward outputs (one gradient per input). class_margins (C,)
 // is there only with per_class_margin = 1, after the kNumInputs others.
 //
-// training (1,) float32 is 1 where MXNet runs the graph for training and 0 where it does not
+// training, one float32, is 1 where MXNet runs the graph for training and 0 where it does not
 // (Module's score and predict, forward(is_train=False)): lib_api hands a library op no
 // is_train, so the graph derives the flag from a stock op that reads it (mx_lsoftmax/graph.py).
 // Outside training the op gives the kind's plain logits, reads no label and keeps the step.
@@ -344,9 +344,13 @@ MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& at
     MARGIN_ERROR << "input step must have shape (1,)";
     return MX_FAIL;
   }
+  // One value, whatever its rank: the graph gives (1, 1) (mx.viz.print_summary cannot show a
+  // 1-D intermediate), direct callers (1,).
   const auto& training = (*in_shapes)[kTraining];
-  if (training.size() != 1 || training[0] != 1) {
-    MARGIN_ERROR << "input training must have shape (1,)";
+  int64_t training_size = 1;
+  for (int64_t size : training) training_size *= size;
+  if (training.empty() || training_size != 1) {
+    MARGIN_ERROR << "input training must hold one value, got shape " << shape_text(training);
     return MX_FAIL;
   }
   if (in_shapes->size() > kClassMargins) {
