@@ -1,6 +1,6 @@
-"""Five small adaptations of MXNet 1.9.1 that the margin layers need.
+"""Six small adaptations of MXNet 1.9.1 that the margin layers need.
 
-All five are installed once, on import, and change nothing for code that does not
+All six are installed once, on import, and change nothing for code that does not
 meet the margin ops.
 
 1. Schedule state under any initializer. ``mx.sym.Custom(..., op_type='MarginSoftmax')``
@@ -41,6 +41,17 @@ meet the margin ops.
    uniform noise (the schedule started at t = 0.04, not 0), or with ``Xavier`` an error
    (a (1,) array). In a SymbolBlock whose graph holds a margin op, the auxiliary states
    named ``*_step`` start at zero, as in Module and in the margin blocks.
+
+6. The step in a bound graph. A bound executor (``simple_bind``, Module) does not order
+   the step's update before the reads pushed after its ``forward``: the Python op writes
+   it from MXNet's custom-op thread, and the executor does not count a library op's
+   mutated input among the arrays it writes (BatchNorm's moving statistics, a stock
+   op's, are ordered). ``Module.get_params()`` right after ``update()`` read the step
+   before the op had advanced it (the Python op: every time; the compiled op: as timing
+   fell), and ``set_params`` with those values set the schedule back (40 steps counted
+   as 23). After a training forward of a graph that holds a margin op, the executor
+   waits for its outputs, which exist only once the op, step included, is done;
+   backward could not start before then anyway. Gluon's calls order it themselves.
 """
 import atexit
 import functools
@@ -190,6 +201,27 @@ def _holds_a_margin_op(symbol):
     return False
 
 
+def _wait_for_the_step_after_a_bound_forward():
+    original = mx.executor.Executor.forward
+    if getattr(original, "_margin_softmax_steps", False):
+        return
+
+    @functools.wraps(original)
+    def forward(self, is_train=False, **kwargs):
+        outputs = original(self, is_train, **kwargs)
+        if is_train:
+            holds = getattr(self, "_margin_softmax_op", None)
+            if holds is None:
+                holds = self._margin_softmax_op = _holds_a_margin_op(self._symbol)
+            if holds:
+                for output in self.outputs:
+                    output.wait_to_read()
+        return outputs
+
+    forward._margin_softmax_steps = True
+    mx.executor.Executor.forward = forward
+
+
 def _start_symbol_block_schedules_at_zero():
     original = SymbolBlock.__init__
     if getattr(original, "_margin_softmax_steps", False):
@@ -211,9 +243,10 @@ def _start_symbol_block_schedules_at_zero():
 
 
 def install():
-    """Install the five adaptations (idempotent)."""
+    """Install the six adaptations (idempotent)."""
     _zero_initialise_schedule_steps()
     _relay_into_mxnet_errors()
     _finish_pending_work_at_exit()
     _infer_only_what_the_graph_reads()
     _start_symbol_block_schedules_at_zero()
+    _wait_for_the_step_after_a_bound_forward()

@@ -98,6 +98,36 @@ def test_module_bound_executor(backend):
     assert module.get_params()[1]["head_step"].asscalar() == STEPS
 
 
+def test_a_module_reads_the_step_right_after_each_update(backend):
+    """A training loop that syncs parameters after every update (get_params, then set_params, as
+    fit does at each epoch's end and scripts do before saving): a bound executor did not order
+    the step's update before those reads (the Python op writes it from MXNet's custom-op thread,
+    and a library op's mutated input is not among the arrays the executor writes), so reads
+    were one behind (the Python op: always) and set_params set the schedule back."""
+    data, weight, label = angle_clear_inputs(8, 4, 3, 2, seed=23)
+    labels = mx.sym.var("softmax_label")
+    network = mx.sym.SoftmaxOutput(mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("fc_weight"), labels, 3,
+                                                             "arcface", backend=backend, s=8.0, name="head"),
+                                   labels)
+    module = mx.mod.Module(network)
+    module.bind(data_shapes=[("data", (8, 4))], label_shapes=[("softmax_label", (8,))])
+    module.init_params(mx.init.Xavier())
+    module.init_optimizer()
+    batch = mx.io.DataBatch([nd(data, "float32")], [nd(label, "float32")])
+    for t in range(1, 11):
+        module.forward(batch, is_train=True)
+        module.backward()
+        module.update()
+        arguments, auxiliaries = module.get_params()
+        assert auxiliaries["head_step"].asscalar() == t
+        module.set_params(arguments, auxiliaries)
+    executor = module._exec_group.execs[0]
+    executor.forward(is_train=True)
+    assert executor.aux_dict["head_step"].asscalar() == 11
+    executor.forward(is_train=False)  # outside training the step stays
+    assert executor.aux_dict["head_step"].asscalar() == 11
+
+
 def test_module_checkpoint_carries_the_step(tmp_path):
     graph = mx_lsoftmax.lsoftmax(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 3,
                                  backend="python", name="head", **SCHEDULE)
