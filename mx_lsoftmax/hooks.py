@@ -51,7 +51,8 @@ meet the margin ops.
    fell), and ``set_params`` with those values set the schedule back (40 steps counted
    as 23). After a training forward of a graph that holds a margin op, the executor
    waits for its outputs, which exist only once the op, step included, is done;
-   backward could not start before then anyway. Gluon's calls order it themselves.
+   backward could not start before then anyway (a Module's executors wait once all
+   its devices are running). Gluon's calls order it themselves.
 """
 import atexit
 import functools
@@ -63,6 +64,7 @@ import mxnet as mx
 import mxnet.base
 from mxnet.gluon import HybridBlock, SymbolBlock
 from mxnet.gluon.block import _flatten
+from mxnet.module.executor_group import DataParallelExecutorGroup
 
 __all__ = ["relay_errors", "install"]
 
@@ -201,6 +203,16 @@ def _holds_a_margin_op(symbol):
     return False
 
 
+# Executors whose wait a Module's executor group defers until all its devices are running.
+_deferred_waits = threading.local()
+
+
+def _wait_for_outputs(executors):
+    for executor in executors:
+        for output in executor.outputs:
+            output.wait_to_read()
+
+
 def _wait_for_the_step_after_a_bound_forward():
     original = mx.executor.Executor.forward
     if getattr(original, "_margin_softmax_steps", False):
@@ -214,12 +226,30 @@ def _wait_for_the_step_after_a_bound_forward():
             if holds is None:
                 holds = self._margin_softmax_op = _holds_a_margin_op(self._symbol)
             if holds:
-                for output in self.outputs:
-                    output.wait_to_read()
+                deferred = getattr(_deferred_waits, "executors", None)
+                if deferred is None:
+                    _wait_for_outputs([self])
+                else:
+                    deferred.append(self)
         return outputs
 
     forward._margin_softmax_steps = True
     mx.executor.Executor.forward = forward
+
+    # A Module runs one executor per device: each waits only once every device's forward is
+    # pushed, so that the devices still run at once.
+    group_original = DataParallelExecutorGroup.forward
+
+    @functools.wraps(group_original)
+    def group_forward(self, data_batch, is_train=None):
+        _deferred_waits.executors = []
+        try:
+            group_original(self, data_batch, is_train)
+        finally:
+            executors, _deferred_waits.executors = _deferred_waits.executors, None
+        _wait_for_outputs(executors)
+
+    DataParallelExecutorGroup.forward = group_forward
 
 
 def _start_symbol_block_schedules_at_zero():

@@ -128,6 +128,31 @@ def test_a_module_reads_the_step_right_after_each_update(backend):
     assert executor.aux_dict["head_step"].asscalar() == 11
 
 
+def test_a_module_on_two_devices_waits_once_both_run(backend, monkeypatch):
+    """The wait for the step (above) comes after every device's forward is pushed, so that a
+    Module's devices still run at once; each device's step is current after the update."""
+    data, weight, label = angle_clear_inputs(8, 4, 3, 2, seed=24)
+    labels = mx.sym.var("softmax_label")
+    network = mx.sym.SoftmaxOutput(mx_lsoftmax.margin_logits(mx.sym.var("data"), mx.sym.var("fc_weight"), labels, 3,
+                                                             "cosface", backend=backend, s=8.0, name="head"),
+                                   labels)
+    module = mx.mod.Module(network, context=[mx.cpu(0), mx.cpu(1)])
+    module.bind(data_shapes=[("data", (8, 4))], label_shapes=[("softmax_label", (8,))])
+    module.init_params(mx.init.Xavier())
+    module.init_optimizer()
+    waits = []
+    original = mx_lsoftmax.hooks._wait_for_outputs
+    monkeypatch.setattr(mx_lsoftmax.hooks, "_wait_for_outputs",
+                        lambda executors: (waits.append(len(executors)), original(executors)))
+    batch = mx.io.DataBatch([nd(data, "float32")], [nd(label, "float32")])
+    for t in range(1, 4):
+        module.forward(batch, is_train=True)
+        module.backward()
+        module.update()
+        assert [executor.aux_dict["head_step"].asscalar() for executor in module._exec_group.execs] == [t, t]
+    assert waits == [2, 2, 2]
+
+
 def test_module_checkpoint_carries_the_step(tmp_path):
     graph = mx_lsoftmax.lsoftmax(mx.sym.var("data"), mx.sym.var("weight"), mx.sym.var("label"), 3,
                                  backend="python", name="head", **SCHEDULE)
