@@ -316,12 +316,13 @@ class MarginSoftmaxOp(mx.operator.CustomOp):
             saved["norm_x"] = row_norms(data)
         if normalised:
             saved["norm_all_w"] = row_norms(weight, self.scratch("weight_sized", weight.shape, weight))
+            rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
+            # Before the target column, which advances the step: a refused call leaves it.
+            check_factor_range(rho, kappa, saved["norm_x"], saved["norm_all_w"], dtype)
         if is_train:
             class_margins = in_data[3] if self.settings.values.get("per_class_margin") else None
             saved["target"] = self._target(data, weight, label, logits, aux[0], saved, class_margins)
         if normalised:
-            rho, kappa = scale_factors(self.settings, saved["norm_x"], saved["norm_all_w"])
-            check_factor_range(rho, kappa, saved["norm_x"], saved["norm_all_w"], dtype)
             # One (N, C) matrix of rho_i kappa_j, reused by the backward: MXNet's broadcast
             # multiplications over (N, C) cost 2-3 times a plain element-wise one.
             saved["factors"] = outer_product(to_ndarray(rho, context, dtype), to_ndarray(kappa, context, dtype),

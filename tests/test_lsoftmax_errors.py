@@ -297,13 +297,16 @@ def test_rows_too_small_for_float32_are_named_not_nan(backend, kind, tiny):
     x, w = nd(data, "float32"), nd(weight, "float32")
     x.attach_grad()
     w.attach_grad()
+    step = mx_lsoftmax.new_step()
     with pytest.raises(mx.base.MXNetError) as error:
         with autograd.record():
-            out = mx_lsoftmax.margin_logits(x, w, nd(label), 3, kind, backend=backend)
+            out = mx_lsoftmax.margin_logits(x, w, nd(label), 3, kind, backend=backend, step=step)
         out.backward(mx.nd.ones_like(out))
         mx.nd.waitall()
     row = 2 if tiny == "data" else 1
     assert f"{tiny} row {row}" in str(error.value) and "float32" in str(error.value)
+    # The Python op refuses in its forward, before the step; the compiled op in the backward.
+    assert step.asscalar() == (0 if backend == "python" else 1)
     # The plain layer (prediction, export) takes such rows: its unit rows are quotients.
     plain = mx_lsoftmax.margin_logits(x, w, None, 3, kind, backend=backend).asnumpy()
     normalise_features = kind != "sphereface"
