@@ -14,7 +14,7 @@ from mxnet import autograd, gluon, npx
 import mx_lsoftmax
 from mx_lsoftmax.gluon import LDAMDense, MarginDense
 
-from conftest import KIND_CASES, ROOT, kind_inputs
+from conftest import KIND_CASES, ROOT, TOLERANCE, kind_inputs
 
 CASES = ["lsoftmax-m4", "sphereface-m4", "cosface", "arcface", "combined"]
 SCHEDULE = dict(beta=8.0, beta_min=0.3, scale=0.5)
@@ -159,11 +159,11 @@ def test_a_numpy_mode_network_trains_predicts_and_exports(backend, numpy_mode, t
     assert isinstance(prediction, mx.np.ndarray)
     head = net.head
     features = net.body(data)
-    np.testing.assert_allclose(prediction.asnumpy(), head(features).asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prediction.asnumpy(), head(features).asnumpy(), **TOLERANCE["float32"])
     # The head's export, loaded back in NumPy mode without mx_lsoftmax's ops.
     symbol_file, params_file = head.export(str(tmp_path / "head"))
     loaded = gluon.SymbolBlock.imports(symbol_file, ["data"], params_file)
-    np.testing.assert_allclose(loaded(features).asnumpy(), head(features).asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(loaded(features).asnumpy(), head(features).asnumpy(), **TOLERANCE["float32"])
 
 
 @pytest.mark.parametrize("case", CASES)
