@@ -556,15 +556,12 @@ const char* type_name() {
   return std::is_same<T, float>::value ? "float32" : "float64";
 }
 
-// The first of `rows` rows of `width` values with a non-finite entry, or -1.
 template <typename T>
-int64_t first_non_finite_row(const T* values, int64_t rows, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < width; ++c) {
-      if (!std::isfinite(values[r * width + c])) return r;
-    }
+bool all_finite(const T* values, int64_t count) {
+  for (int64_t index = 0; index < count; ++index) {
+    if (!std::isfinite(values[index])) return false;
   }
-  return -1;
+  return true;
 }
 
 // Whether `exact`, rounded to T, scales a row of T without leaving T's normal range
@@ -700,8 +697,7 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
       // G' = G rho can leave T only on rows whose rho does (|x| < s / max(T)); there the
       // data gradient, about rho |G|, overflows too: an error naming the row, not inf / NaN.
       for (int64_t i = 0; i < s.rows; ++i) {
-        if (std::isfinite(rho[i]) ||
-            first_non_finite_row(grad_logits + i * s.classes, 1, s.classes) < 0) continue;
+        if (std::isfinite(rho[i]) || all_finite(grad_logits + i * s.classes, s.classes)) continue;
         MARGIN_ERROR << "input data row " << i << " has norm " << data_norm[i]
                      << ": the gradient of its normalisation (s / |x| times the logits' gradient) "
                      << "overflows " << type_name<T>() << " (norms below s / "
@@ -912,7 +908,7 @@ int64_t normalise_rows_backward_cpu(const T* grad_unit, const double* grad_norm,
                                   row.along_unit * static_cast<double>(u[d]));
         }
         // Only such rows can overflow; the smallest index wins, whichever thread sees it.
-        if (first_non_finite_row(out, 1, dims) >= 0) {
+        if (!all_finite(out, dims)) {
           int64_t seen = overflowed.load();
           while (r < seen && !overflowed.compare_exchange_weak(seen, r)) {
           }
