@@ -122,8 +122,6 @@ def main(argv=None):
             elapsed += time.perf_counter() - start
             seen += batch_size - batch.pad
         test_accuracy, _ = evaluate()
-        # The Python op writes the counter outside the engine's ordering: wait before reading it.
-        mx.nd.waitall()
         step = module.get_params()[1].get(f"{HEAD}_step")
         beta = (mx_lsoftmax.MarginSettings(train_mnist.HEAD_KIND.get(arguments.loss, arguments.loss),
                                            **train_mnist.kind_settings(arguments)).beta_at(float(step.asscalar()))
