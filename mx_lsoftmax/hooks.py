@@ -66,6 +66,8 @@ from mxnet.gluon import HybridBlock, SymbolBlock
 from mxnet.gluon.block import _flatten
 from mxnet.module.executor_group import DataParallelExecutorGroup
 
+from .graph import COMPILED_OP
+
 __all__ = ["relay_errors", "install"]
 
 # The callback messages that MXNet 1.9.1 raises when a CustomOp callback fails
@@ -190,9 +192,10 @@ def _infer_only_what_the_graph_reads():
     HybridBlock._infer_attrs = _infer_attrs
 
 
-# The operators whose auxiliary state is the schedule's step (graph.py, op.py).
+# The operators whose auxiliary state is the schedule's step: the Python op's types (registered
+# in op.py, which imports this module) and the compiled target op.
 _MARGIN_OPS = ({"op": "Custom", "op_type": "MarginSoftmax"}, {"op": "Custom", "op_type": "LSoftmax"},
-               {"op": "margin_softmax_target"})
+               {"op": COMPILED_OP})
 
 
 def _holds_a_margin_op(symbol):

@@ -552,11 +552,6 @@ void scale_gradient(const T* grad_output, const T* output, T* grad_logits, const
 }
 
 template <typename T>
-const char* type_name() {
-  return std::is_same<T, float>::value ? "float32" : "float64";
-}
-
-template <typename T>
 bool all_finite(const T* values, int64_t count) {
   for (int64_t index = 0; index < count; ++index) {
     if (!std::isfinite(values[index])) return false;
@@ -700,7 +695,7 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
         if (std::isfinite(rho[i]) || all_finite(grad_logits + i * s.classes, s.classes)) continue;
         MARGIN_ERROR << "input data row " << i << " has norm " << data_norm[i]
                      << ": the gradient of its normalisation (s / |x| times the logits' gradient) "
-                     << "overflows " << type_name<T>() << " (norms below s / "
+                     << "overflows " << dtype_name((*inputs)[kBackwardData].dtype) << " (norms below s / "
                      << std::numeric_limits<T>::max() << " = " << p.s / std::numeric_limits<T>::max()
                      << " can); use float64 data or features of larger norm (a zero row is fine)";
         return MX_FAIL;
