@@ -2,7 +2,8 @@
 #   make install   create .venv with the pinned dependencies and the package
 #   make           build the CPU library build/liblsoftmax.so against the installed MXNet
 #   make cuda      build the CPU+GPU library with nvcc
-#   make test      all of the above that is out of date, then pytest
+#   make emulated  the CUDA kernels compiled for the CPU (tests only: build/, never installed)
+#   make test      all of the above that is out of date (the GPU library once built), then pytest
 #   make demo      train the 2-D LeNet on MNIST with margin 4 and draw its features
 #   make bench     benchmark every backend against FullyConnected (and C = 10^6: ~10 GB of memory)
 #   make results   the MNIST / Fashion-MNIST comparisons of docs/results.md (hours; reuses finished runs)
@@ -18,6 +19,7 @@ CUDA_ARCH     ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,co
 BUILD_DIR     := build
 LIBRARY       := mx_lsoftmax/lib/liblsoftmax.so
 CUDA_LIBRARY  := mx_lsoftmax/lib/liblsoftmax_cuda.so
+EMULATED_CUDA_LIBRARY := $(BUILD_DIR)/liblsoftmax_cuda_emulated.so
 SOURCES       := src/operator/margin_softmax.cc
 HEADERS       := src/operator/margin_softmax-inl.h src/operator/margin_softmax-gpu.h
 
@@ -38,7 +40,7 @@ RUN_THREADS   ?= 2
 CORES         ?= $(shell nproc)
 RUN_ENV        = OMP_NUM_THREADS=$(RUN_THREADS) MXNET_ENFORCE_DETERMINISM=1
 
-.PHONY: all cuda install test demo bench results imbalanced clean
+.PHONY: all cuda emulated install test demo bench results imbalanced clean
 
 # A CUDA build, once made, is what mx_lsoftmax loads (mx_lsoftmax/library.py), so `make` keeps it
 # in step with the sources too: a stale one would run old code behind a fresh CPU library.
@@ -72,7 +74,23 @@ $(CUDA_LIBRARY): $(SOURCES) src/operator/margin_softmax.cu $(HEADERS) $(VENV)/.i
 
 cuda: $(CUDA_LIBRARY)
 
-test: install
+# The same kernels with the host compiler against an emulated CUDA runtime, so that the tests
+# run them on machines without a GPU (tools/cuda_emulation/cuda_runtime.h says what it emulates).
+$(EMULATED_CUDA_LIBRARY): $(SOURCES) src/operator/margin_softmax.cu $(HEADERS) tools/emulate_cuda.py \
+                          tools/cuda_emulation/cuda_runtime.h $(VENV)/.installed
+	@mkdir -p $(BUILD_DIR)/emulated
+	$(PYTHON) tools/emulate_cuda.py src/operator/margin_softmax.cu $(BUILD_DIR)/emulated/margin_softmax_cu.cc
+	$(CXX) $(CXXFLAGS) -Wno-sign-compare -Itools/cuda_emulation -Isrc/operator \
+	    -c $(BUILD_DIR)/emulated/margin_softmax_cu.cc -o $(BUILD_DIR)/emulated/margin_softmax_cu.o
+	$(CXX) $(CXXFLAGS) -DMARGIN_SOFTMAX_WITH_CUDA -I$(MXNET_INCLUDE) -Isrc/operator \
+	    -c $(SOURCES) -o $(BUILD_DIR)/emulated/margin_softmax_cc.o
+	$(CXX) $(CXXFLAGS) -I$(MXNET_INCLUDE) -c $(MXNET_LIB_API) -o $(BUILD_DIR)/emulated/lib_api.o
+	$(CXX) -shared -pthread $(BUILD_DIR)/emulated/margin_softmax_cu.o \
+	    $(BUILD_DIR)/emulated/margin_softmax_cc.o $(BUILD_DIR)/emulated/lib_api.o -o $@
+
+emulated: $(EMULATED_CUDA_LIBRARY)
+
+test: install $(EMULATED_CUDA_LIBRARY)
 	$(PYTHON) -m pytest -q tests
 
 demo: install

@@ -392,7 +392,7 @@ def lenet_table(rows, backends=("softmax", "python", "compiled")):
 
 def gpu_measure(harness, shape, dtype, rounds, settings):
     """Median ms of forward+backward: three cuBLAS products alone vs the layer (products + kernels)."""
-    cupy = harness.cupy
+    cupy = harness.device
     rows, dims, classes = shape
     generator = cupy.random.default_rng(0)
     x = generator.standard_normal((rows, dims), dtype=dtype)

@@ -1,8 +1,11 @@
 """GPU kernels against the float64 spec.
 
-Kernel level (CuPy + the library's extern "C" entry points): runs wherever a
-GPU, CuPy and `make cuda` are present, no GPU build of MXNet needed. MXNet
-level: runs with a GPU build of MXNet. Everything else skips, saying why.
+Kernel level (the library's extern "C" entry points), on two devices: "emulated",
+the kernels of margin_softmax.cu compiled for the CPU against an emulated CUDA
+runtime (`make emulated`, which `make test` builds: runs everywhere), and "cuda",
+the nvcc build on a GPU through CuPy (wherever a GPU, CuPy and `make cuda` are
+present; no GPU build of MXNet needed). MXNet level: runs with a GPU build of
+MXNet. What cannot run skips, saying why.
 """
 import math
 import os
@@ -24,8 +27,13 @@ from conftest import (BETAS, KIND_CASES, MARGINS, TOLERANCE, angle_clear_inputs,
 SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 
 
-@pytest.fixture(scope="module")
-def kernels():
+@pytest.fixture(scope="module", params=["emulated", "cuda"])
+def kernels(request):
+    if request.param == "emulated":
+        try:
+            return KernelHarness.emulated()
+        except HarnessUnavailable as reason:  # needs only the host compiler: a broken set-up
+            pytest.fail(str(reason))
     try:
         return KernelHarness()
     except HarnessUnavailable as reason:
@@ -35,17 +43,17 @@ def kernels():
 
 
 def run_kernels(kernels, data, weight, label, settings, grad, dtype, step=0.0):
-    cupy = kernels.cupy
-    x, w = cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype)
-    y = cupy.asarray(label, dtype=cupy.int64)
-    step_array = cupy.full((1,), step, dtype=dtype)
+    device = kernels.device
+    x, w = device.asarray(data, dtype=dtype), device.asarray(weight, dtype=dtype)
+    y = device.asarray(label, dtype=device.int64)
+    step_array = device.full((1,), step, dtype=dtype)
     status, saved, out = kernels.forward(x, w, y, step_array, settings)
     if status != SUCCESS:
         return status, None
-    status, full_data, full_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), saved)
+    status, full_data, full_weight = kernels.backward(device.asarray(grad, dtype=dtype), saved)
     assert status == SUCCESS
-    return status, dict(out=cupy.asnumpy(out), beta=float(saved["beta_used"][0]), step=float(step_array[0]),
-                        grad_data=cupy.asnumpy(full_data), grad_weight=cupy.asnumpy(full_weight))
+    return status, dict(out=device.asnumpy(out), beta=float(saved["beta_used"][0]), step=float(step_array[0]),
+                        grad_data=device.asnumpy(full_data), grad_weight=device.asnumpy(full_weight))
 
 
 def spec_result(settings, data, weight, label, grad, dtype):
@@ -82,20 +90,20 @@ def test_kernels_outside_training_give_the_plain_logits(kernels, dtype, case):
     settings = MarginSettings(kind, **values, beta=2.0)
     data, weight, _ = kind_inputs(kind, settings.values, 64, 300, 11, seed=4)
     grad = np.random.default_rng(5).standard_normal((64, 11))
-    cupy = kernels.cupy
-    step = cupy.zeros((1,), dtype=dtype)
-    status, saved, out = kernels.forward(cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype),
-                                         cupy.full((64,), 99, dtype=cupy.int64), step, settings,
-                                         training=cupy.zeros((1,), dtype=cupy.float32))
+    device = kernels.device
+    step = device.zeros((1,), dtype=dtype)
+    status, saved, out = kernels.forward(device.asarray(data, dtype=dtype), device.asarray(weight, dtype=dtype),
+                                         device.full((64,), 99, dtype=device.int64), step, settings,
+                                         training=device.zeros((1,), dtype=device.float32))
     assert status == SUCCESS and float(step[0]) == 0.0
-    status, grad_data, grad_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), saved)
+    status, grad_data, grad_weight = kernels.backward(device.asarray(grad, dtype=dtype), saved)
     assert status == SUCCESS
     wants = (spec.family_inference(kind, data, weight, **values),
              *spec.family_backward(kind, data, weight, np.zeros(0), 0.0, grad, **values))  # no target
     tolerance = TOLERANCE[dtype] if dtype == "float64" else dict(rtol=1e-3, atol=1e-3)
     for got, want in zip((out, grad_data, grad_weight), wants):
         scale = max(1.0, float(np.abs(want).max())) if dtype == "float32" else 1.0
-        np.testing.assert_allclose(cupy.asnumpy(got) / scale, want / scale, **tolerance)
+        np.testing.assert_allclose(device.asnumpy(got) / scale, want / scale, **tolerance)
 
 
 @pytest.mark.parametrize("margin", MARGINS)
@@ -139,9 +147,9 @@ def test_kernels_schedule_bad_label_and_bad_settings(kernels):
     label[5] = 4
     status, _ = run_kernels(kernels, data, weight, label, settings, np.ones((8, 4)), "float64")
     assert status == 5
-    cupy = kernels.cupy
-    x = cupy.asarray(data)
-    status, _, _ = kernels.forward(x, cupy.asarray(weight), cupy.zeros((8,), cupy.int64), cupy.zeros((1,)),
+    device = kernels.device
+    x = device.asarray(data)
+    status, _, _ = kernels.forward(x, device.asarray(weight), device.zeros((8,), device.int64), device.zeros((1,)),
                                    b"kind=cosface;m1=2")
     assert status == BAD_SETTINGS and "m1" in kernels.last_error()
 
@@ -201,12 +209,12 @@ def test_kernels_per_class_margins_match_spec(kernels, dtype):
     label[:8] = 3
     margins = np.linspace(0.0, 0.5, 11)
     grad = np.random.default_rng(6).standard_normal((64, 11))
-    cupy = kernels.cupy
-    x, w = cupy.asarray(data, dtype=dtype), cupy.asarray(weight, dtype=dtype)
-    status, saved, out = kernels.forward(x, w, cupy.asarray(label, dtype=cupy.int64), cupy.zeros((1,), dtype=dtype),
-                                         settings, class_margins=cupy.asarray(margins, dtype=dtype))
+    device = kernels.device
+    x, w = device.asarray(data, dtype=dtype), device.asarray(weight, dtype=dtype)
+    status, saved, out = kernels.forward(x, w, device.asarray(label, dtype=device.int64), device.zeros((1,), dtype=dtype),
+                                         settings, class_margins=device.asarray(margins, dtype=dtype))
     assert status == SUCCESS
-    status, grad_data, grad_weight = kernels.backward(cupy.asarray(grad, dtype=dtype), saved)
+    status, grad_data, grad_weight = kernels.backward(device.asarray(grad, dtype=dtype), saved)
     assert status == SUCCESS
     floor = float(np.sqrt(np.finfo(dtype).eps))
     want = (spec.family_forward("cosface", data, weight, label, 0.0, class_margins=margins, s=30.0),
@@ -215,7 +223,7 @@ def test_kernels_per_class_margins_match_spec(kernels, dtype):
     tolerance = TOLERANCE[dtype] if dtype == "float64" else dict(rtol=1e-3, atol=1e-3)
     for got, expected in zip((out, grad_data, grad_weight), want):
         scale = max(1.0, float(np.abs(expected).max())) if dtype == "float32" else 1.0
-        np.testing.assert_allclose(cupy.asnumpy(got) / scale, expected / scale, **tolerance)
+        np.testing.assert_allclose(device.asnumpy(got) / scale, expected / scale, **tolerance)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -225,11 +233,11 @@ def test_kernels_unit_rows_match_reference(kernels, dtype):
     norms = [1.0, 0.0, 2.5, 1e-30, 3e20, 1e-22] + ([1e-160, 1e160] if dtype == "float64" else [])
     weight, grad_unit, grad_norm = unit_rows_case(norms, dims=300)
     weight = weight.astype(dtype).astype(np.float64)
-    cupy = kernels.cupy
-    status, unit, norm = kernels.normalise(cupy.asarray(weight, dtype=dtype))
+    device = kernels.device
+    status, unit, norm = kernels.normalise(device.asarray(weight, dtype=dtype))
     assert status == SUCCESS
-    status, gradient = kernels.normalise_backward(cupy.asarray(grad_unit, dtype=dtype), unit, norm,
-                                                  cupy.asarray(grad_norm))
+    status, gradient = kernels.normalise_backward(device.asarray(grad_unit, dtype=dtype), unit, norm,
+                                                  device.asarray(grad_norm))
     assert status == SUCCESS
-    assert_unit_rows_match(weight, grad_unit, grad_norm, cupy.asnumpy(unit), cupy.asnumpy(norm),
-                           cupy.asnumpy(gradient), dtype)
+    assert_unit_rows_match(weight, grad_unit, grad_norm, device.asnumpy(unit), device.asnumpy(norm),
+                           device.asnumpy(gradient), dtype)
