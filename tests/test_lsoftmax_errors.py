@@ -286,7 +286,7 @@ def test_rows_too_small_for_float32_are_named_not_nan(backend, kind, tiny):
     """float32 rows of norm ~1e-42 (subnormal) under normalisation: the gradient, about
     s / |x| or 1 / |w| times the logits' gradient, leaves float32 (and the Python op's
     logits with it). Both backends stop with an error naming the row (docs/derivatives.md,
-    limit of float32) instead of NaN or inf; the CPU ops, not the CUDA kernels."""
+    limit of float32) instead of NaN or inf; the CUDA kernels too (tests/test_lsoftmax_gpu.py)."""
     rng = np.random.default_rng(21)
     data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
     if tiny == "data":

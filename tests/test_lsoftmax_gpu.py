@@ -19,7 +19,8 @@ from mxnet import autograd
 import mx_lsoftmax
 from mx_lsoftmax import spec
 from mx_lsoftmax import MarginSettings
-from mx_lsoftmax.support.cuda_harness import BAD_SETTINGS, SUCCESS, HarnessUnavailable, KernelHarness
+from mx_lsoftmax.support.cuda_harness import (BAD_SETTINGS, GRADIENT_OVERFLOW, SUCCESS, HarnessUnavailable,
+                                             KernelHarness)
 
 from conftest import (BETAS, KIND_CASES, MARGINS, TOLERANCE, angle_clear_inputs, kind_inputs, nd,
                       unit_rows_case, assert_unit_rows_match)
@@ -152,6 +153,39 @@ def test_kernels_schedule_bad_label_and_bad_settings(kernels):
     status, _, _ = kernels.forward(x, device.asarray(weight), device.zeros((8,), device.int64), device.zeros((1,)),
                                    b"kind=cosface;m1=2")
     assert status == BAD_SETTINGS and "m1" in kernels.last_error()
+
+
+@pytest.mark.parametrize("kind, tiny", [("cosface", "data"), ("arcface", "data"), ("sphereface", "weight"),
+                                        ("combined", "weight")])
+def test_kernels_name_rows_too_small_for_float32(kernels, kind, tiny):
+    """As the CPU op does (tests/test_lsoftmax_errors.py): a float32 row of norm ~1e-42 under
+    normalisation makes its gradient, about s / |x| or 1 / |w| times the logits' gradient,
+    leave float32. The forward takes it; the backward stops naming the row instead of writing
+    inf (the target kernels for a data row, the normalise kernels for a weight row)."""
+    rng = np.random.default_rng(21)
+    data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
+    if tiny == "data":
+        data[2] *= 1e-42
+    else:
+        weight[1] *= 1e-42
+    label, grad = np.array([0, 1, 2, 1, 0]), np.ones((5, 3))
+    settings = MarginSettings(kind)
+    device = kernels.device
+    status, saved, out = kernels.forward(device.asarray(data, device.float32), device.asarray(weight, device.float32),
+                                         device.asarray(label, device.int64), device.zeros((1,), device.float32),
+                                         settings)
+    assert status == SUCCESS and np.isfinite(device.asnumpy(out)).all()
+    status, _, _ = kernels.backward(device.asarray(grad, device.float32), saved)
+    assert status == GRADIENT_OVERFLOW
+    row = 2 if tiny == "data" else 1
+    assert f"input {tiny} row {row} has norm" in kernels.last_error()
+    assert "overflows float32" in kernels.last_error()
+    # The same rows in float64 train, and so does float32 without them.
+    status, result = run_kernels(kernels, data, weight, label, settings, grad, "float64")
+    assert status == SUCCESS and all(np.isfinite(result[key]).all() for key in ("out", "grad_data", "grad_weight"))
+    data[2], weight[1] = rng.standard_normal(4), rng.standard_normal(4)
+    status, result = run_kernels(kernels, data, weight, label, settings, grad, "float32")
+    assert status == SUCCESS and all(np.isfinite(result[key]).all() for key in ("out", "grad_data", "grad_weight"))
 
 
 needs_mxnet_gpu = pytest.mark.skipif(mx.context.num_gpus() == 0, reason="MXNet has no GPU (CPU build or no device)")

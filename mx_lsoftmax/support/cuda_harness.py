@@ -38,9 +38,10 @@ EMULATED_CUDA_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(os.path.dir
                                      "build", "liblsoftmax_cuda_emulated.so")
 SUCCESS = -1  # kGpuSuccess in src/operator/margin_softmax-gpu.h; >= 0 is the first bad label row
 BAD_SETTINGS = -3
+GRADIENT_OVERFLOW = -4  # a row's gradient left the dtype: last_error() names the row
 
-__all__ = ["CUDA_LIBRARY", "EMULATED_CUDA_LIBRARY", "SUCCESS", "BAD_SETTINGS", "HarnessUnavailable",
-           "HostDevice", "KernelHarness"]
+__all__ = ["CUDA_LIBRARY", "EMULATED_CUDA_LIBRARY", "SUCCESS", "BAD_SETTINGS", "GRADIENT_OVERFLOW",
+           "HarnessUnavailable", "HostDevice", "KernelHarness"]
 
 
 class HarnessUnavailable(RuntimeError):
@@ -201,10 +202,12 @@ class KernelHarness:
             normalise.argtypes = [pointer] * 3 + [int64] * 2 + [pointer]
             normalise.restype = ctypes.c_int
             normalise_backward = getattr(self.library, f"margin_softmax_normalise_backward_{suffix}")
-            normalise_backward.argtypes = [pointer] * 5 + [int64] * 2 + [pointer]
+            normalise_backward.argtypes = [pointer] * 5 + [int64] * 2 + [pointer, pointer]
             normalise_backward.restype = ctypes.c_int
         self.library.margin_softmax_scratch_bytes.argtypes = [int64, int64]
         self.library.margin_softmax_scratch_bytes.restype = ctypes.c_size_t
+        self.library.margin_softmax_normalise_scratch_bytes.argtypes = []
+        self.library.margin_softmax_normalise_scratch_bytes.restype = ctypes.c_size_t
         self.library.margin_softmax_last_error.restype = ctypes.c_char_p
 
     def _call(self, entry_point, dtype, *arguments):
@@ -239,9 +242,10 @@ class KernelHarness:
     def normalise_backward(self, grad_unit, unit, norms, grad_norm=None):
         """(status, gradient of the rows) from the unit rows' gradient and the norms' (default 0)."""
         grad_rows = self.device.empty_like(unit)
+        scratch = self.device.empty((self.library.margin_softmax_normalise_scratch_bytes(),), self.device.uint8)
         status = self._call("margin_softmax_normalise_backward", unit.dtype,
                             *map(self.pointer, (grad_unit, grad_norm, unit, norms, grad_rows)),
-                            unit.shape[0], unit.shape[1], None)
+                            unit.shape[0], unit.shape[1], self.pointer(scratch), None)
         return status, grad_rows
 
     def forward(self, x, w, label, step, settings, class_margins=None, training=None):

@@ -13,17 +13,31 @@
 
 namespace margin_softmax {
 
-// Launcher results: success, or the first row whose label is bad (>= 0), or a CUDA error.
-constexpr int kGpuSuccess = -1;
-constexpr int kCudaFailure = -2;
-// The device flag starts here (a byte-wise memset); atomicMin leaves the first bad row in it.
-constexpr int kNoBadLabelByte = 0x7f;
-constexpr int kNoBadLabel = 0x7f7f7f7f;
+/*! \brief What a launcher reports; the row and norm say which row, where one is at fault. */
+enum GpuStatus {
+  kGpuSuccess = -1,
+  kCudaFailure = -2,
+  kBadLabel = -4,           // row: the first row whose label is not a class index
+  kDataRowOverflow = -5,    // row, norm: the first data row whose gradient left T (s / |x| does)
+  kWeightRowOverflow = -6,  // row, norm: the first weight row whose gradient left T (1 / |w| does)
+};
+struct GpuResult {
+  int status;
+  int64_t row;
+  double norm;
+};
 
-/*! \brief Device scratch the launchers need: the label flag and three float64 vectors. */
+// The device flags start here (a byte-wise memset); atomicMin leaves the first row in each.
+constexpr int kNoRowByte = 0x7f;
+constexpr int kNoRow = 0x7f7f7f7f;
+
+/*! \brief Device scratch of the target op: two row flags and three float64 vectors. */
 inline size_t gpu_scratch_bytes(int64_t rows, int64_t classes) {
   return sizeof(double) * (2 * rows + classes + 1);
 }
+
+/*! \brief Device scratch of the normalise op's backward: its row flag. */
+inline size_t normalise_gpu_scratch_bytes() { return sizeof(double); }
 
 /*! \brief Forward: out = the kind's logits with the target blended; norms; step advanced. */
 template <typename T, typename L>
@@ -72,18 +86,19 @@ struct GpuBackward {
 void zero_device(void* pointer, size_t bytes, void* stream);
 
 template <typename T, typename L>
-int forward_gpu_launch(const GpuForward<T, L>& arguments);
+GpuResult forward_gpu_launch(const GpuForward<T, L>& arguments);
 template <typename T, typename L>
-int backward_gpu_launch(const GpuBackward<T, L>& arguments);
+GpuResult backward_gpu_launch(const GpuBackward<T, L>& arguments);
 
-/*! \brief margin_softmax_normalise (K11): unit rows and norms; and the rows' gradient. */
+/*! \brief margin_softmax_normalise (K11): unit rows and norms; and the rows' gradient, with
+ *         `scratch` of normalise_gpu_scratch_bytes(). */
 template <typename T>
-int normalise_gpu_launch(const T* rows, T* unit, double* norms, int64_t count, int64_t dims,
-                         void* stream);
+GpuResult normalise_gpu_launch(const T* rows, T* unit, double* norms, int64_t count, int64_t dims,
+                               void* stream);
 template <typename T>
-int normalise_backward_gpu_launch(const T* grad_unit, const double* grad_norm, const T* unit,
-                                  const double* norms, T* grad_rows, int64_t count, int64_t dims,
-                                  void* stream);
+GpuResult normalise_backward_gpu_launch(const T* grad_unit, const double* grad_norm, const T* unit,
+                                        const double* norms, T* grad_rows, int64_t count,
+                                        int64_t dims, void* scratch, void* stream);
 
 }  // namespace margin_softmax
 

@@ -328,6 +328,18 @@ MARGIN_FUNCTION double row_norm(const T* row, int64_t length) {
   return largest * sqrt(scaled);
 }
 
+/*!
+ * \brief Whether `exact`, rounded to T, is finite and, unless 0, of T's normal range: then a row
+ *        of T scaled by it stays in T (vectorised in T on the CPU); else the row is scaled in
+ *        float64, and only such rows can overflow T (the ops' overflow checks look at them alone).
+ */
+template <typename T>
+MARGIN_FUNCTION bool fits(double exact) {
+  const double value = static_cast<double>(static_cast<T>(exact));
+  const double smallest = sizeof(T) == sizeof(float) ? 1.1754943508222875e-38 : 2.2250738585072014e-308;
+  return isfinite(value) && (exact == 0.0 || fabs(value) >= smallest);
+}
+
 /*! \brief The factor of the unit row v / |v|: 1 / |v|, or 0 for a zero row (K9, K11). */
 MARGIN_FUNCTION double unit_factor(double norm) { return norm > 0.0 ? 1.0 / norm : 0.0; }
 

@@ -224,6 +224,34 @@ std::string dtype_name(int dtype) {
   return "dtype code " + std::to_string(dtype);
 }
 
+// The dtype code of the op's value types (float or double).
+template <typename T>
+constexpr int dtype_code() {
+  return sizeof(T) == sizeof(double) ? kFloat64 : kFloat32;
+}
+
+// The backward's overflow errors (docs/derivatives.md, limit of float32), one text for the CPU
+// and the GPU: a data row whose s / |x| leaves T, a weight row whose 1 / |w| does.
+template <typename T>
+MXReturnValue data_row_overflow(int64_t row, double norm, double s) {
+  MARGIN_ERROR << "input data row " << row << " has norm " << norm
+               << ": the gradient of its normalisation (s / |x| times the logits' gradient) "
+               << "overflows " << dtype_name(dtype_code<T>())
+               << " (norms below s / " << std::numeric_limits<T>::max() << " = "
+               << s / std::numeric_limits<T>::max()
+               << " can); use float64 data or features of larger norm (a zero row is fine)";
+  return MX_FAIL;
+}
+
+template <typename T>
+MXReturnValue weight_row_overflow(int64_t row, double norm) {
+  NORMALISE_ERROR << "input weight row " << row << " has norm " << norm
+                  << ": its gradient through the normalisation (about |dL/du| / |w|) overflows "
+                  << dtype_name(dtype_code<T>())
+                  << "; use float64 or weight rows of larger norm (a zero row is fine)";
+  return MX_FAIL;
+}
+
 std::string shape_text(const std::vector<unsigned int>& shape) {
   std::ostringstream text;
   text << "(";
@@ -559,14 +587,6 @@ bool all_finite(const T* values, int64_t count) {
   return true;
 }
 
-// Whether `exact`, rounded to T, scales a row of T without leaving T's normal range
-// on the way: then the row is scaled in T (vectorised), else in float64.
-template <typename T>
-bool fits(double exact) {
-  const T value = static_cast<T>(exact);
-  return std::isfinite(value) && (exact == 0.0 || std::fabs(value) >= std::numeric_limits<T>::min());
-}
-
 // out = exact * in over one row of `dims` values.
 template <typename T>
 void scale_row(const T* in, double exact, T* out, int64_t dims) {
@@ -693,12 +713,7 @@ MXReturnValue backward_cpu_typed(const Settings& p, std::vector<MXTensor>* input
       // data gradient, about rho |G|, overflows too: an error naming the row, not inf / NaN.
       for (int64_t i = 0; i < s.rows; ++i) {
         if (std::isfinite(rho[i]) || all_finite(grad_logits + i * s.classes, s.classes)) continue;
-        MARGIN_ERROR << "input data row " << i << " has norm " << data_norm[i]
-                     << ": the gradient of its normalisation (s / |x| times the logits' gradient) "
-                     << "overflows " << dtype_name((*inputs)[kBackwardData].dtype) << " (norms below s / "
-                     << std::numeric_limits<T>::max() << " = " << p.s / std::numeric_limits<T>::max()
-                     << " can); use float64 data or features of larger norm (a zero row is fine)";
-        return MX_FAIL;
+        return data_row_overflow<T>(i, data_norm[i], p.s);
       }
     }
   } else {
@@ -948,28 +963,32 @@ MXReturnValue normalise_backward_cpu(const std::unordered_map<std::string, std::
           : normalise_rows_backward_cpu((*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
                                         unit.data<float>(), norms,
                                         (*outputs)[kNormaliseRows].data<float>(), count, dims);
-  if (overflowed >= 0) {
-    NORMALISE_ERROR << "input weight row " << overflowed << " has norm " << norms[overflowed]
-                    << ": its gradient through the normalisation (about |dL/du| / |w|) overflows "
-                    << dtype_name(unit.dtype) << "; use float64 or weight rows of larger norm "
-                    << "(a zero row is fine)";
-    return MX_FAIL;
-  }
-  return MX_SUCCESS;
+  if (overflowed < 0) return MX_SUCCESS;
+  return unit.dtype == kFloat64 ? weight_row_overflow<double>(overflowed, norms[overflowed])
+                                : weight_row_overflow<float>(overflowed, norms[overflowed]);
 }
 
 #if defined(MARGIN_SOFTMAX_WITH_CUDA)
 // ---- GPU launchers: unpack the tensors, dispatch on dtypes, call margin_softmax.cu ----
 
-MXReturnValue report_gpu(int result, int64_t classes) {
-  if (result == kGpuSuccess) return MX_SUCCESS;
-  if (result == kCudaFailure) {
-    MARGIN_ERROR << "a CUDA kernel failed to launch";
-  } else {
-    MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes
-                 << "), got a bad value at label[" << result << "]";
+// The launcher's result as lib_api's, with the CPU op's messages (`s`: the kind's logit scale).
+template <typename T>
+MXReturnValue report_gpu(const GpuResult& result, int64_t classes, double s) {
+  switch (result.status) {
+    case kGpuSuccess:
+      return MX_SUCCESS;
+    case kBadLabel:
+      MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes
+                   << "), got a bad value at label[" << result.row << "]";
+      return MX_FAIL;
+    case kDataRowOverflow:
+      return data_row_overflow<T>(result.row, result.norm, s);
+    case kWeightRowOverflow:
+      return weight_row_overflow<T>(result.row, result.norm);
+    default:
+      MARGIN_ERROR << "a CUDA kernel failed to launch";
+      return MX_FAIL;
   }
-  return MX_FAIL;
 }
 
 template <typename T, typename L>
@@ -989,7 +1008,7 @@ MXReturnValue forward_gpu_typed(const Settings& p, std::vector<MXTensor>* inputs
                      (*outputs)[kWeightNorm].data<double>(), s.rows, s.classes, s.dims, p,
                      resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
                      resource.get_cuda_stream()};
-  return report_gpu(forward_gpu_launch(a), s.classes);
+  return report_gpu<T>(forward_gpu_launch(a), s.classes, p.s);
 }
 
 template <typename T, typename L>
@@ -1013,7 +1032,7 @@ MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* input
                       s.classes, s.dims, p,
                       resource.alloc_gpu(gpu_scratch_bytes(s.rows, s.classes)),
                       resource.get_cuda_stream()};
-  const int result = backward_gpu_launch(a);
+  const GpuResult result = backward_gpu_launch(a);
   for (int index : {int(kLabel), int(kStep), int(kTraining), int(kClassMargins),
                     unit_rows ? int(kWeight) : -1}) {
     if (index >= 0 && index < static_cast<int>(outputs->size())) {
@@ -1021,7 +1040,7 @@ MXReturnValue backward_gpu_typed(const Settings& p, std::vector<MXTensor>* input
       zero_device(tensor.data_ptr, tensor.size() * dtype_size(tensor.dtype), a.stream);
     }
   }
-  return report_gpu(result, s.classes);
+  return report_gpu<T>(result, s.classes, p.s);
 }
 
 // Forward and backward differ only in where logits and label sit among the
@@ -1068,13 +1087,15 @@ MXReturnValue normalise_forward_gpu(const std::unordered_map<std::string, std::s
   const int64_t count = rows.shape[0], dims = rows.shape[1];
   double* norms = (*outputs)[kNormaliseNorm].data<double>();
   void* stream = resource.get_cuda_stream();
-  const int result =
-      rows.dtype == kFloat64
-          ? normalise_gpu_launch(rows.data<double>(), (*outputs)[kNormaliseUnit].data<double>(),
-                                 norms, count, dims, stream)
-          : normalise_gpu_launch(rows.data<float>(), (*outputs)[kNormaliseUnit].data<float>(),
-                                 norms, count, dims, stream);
-  return report_gpu(result, 0);
+  return rows.dtype == kFloat64
+             ? report_gpu<double>(normalise_gpu_launch(rows.data<double>(),
+                                                       (*outputs)[kNormaliseUnit].data<double>(),
+                                                       norms, count, dims, stream),
+                                  0, 0.0)
+             : report_gpu<float>(normalise_gpu_launch(rows.data<float>(),
+                                                      (*outputs)[kNormaliseUnit].data<float>(),
+                                                      norms, count, dims, stream),
+                                 0, 0.0);
 }
 
 MXReturnValue normalise_backward_gpu(const std::unordered_map<std::string, std::string>& attrs,
@@ -1085,19 +1106,22 @@ MXReturnValue normalise_backward_gpu(const std::unordered_map<std::string, std::
   const double* grad_norm = (*inputs)[kNormaliseGradNorm].data<double>();
   const double* norms = (*inputs)[kNormaliseBackwardNorm].data<double>();
   void* stream = resource.get_cuda_stream();
-  const int result =
-      unit.dtype == kFloat64
-          ? normalise_backward_gpu_launch((*inputs)[kNormaliseGradUnit].data<double>(), grad_norm,
-                                          unit.data<double>(), norms,
-                                          (*outputs)[kNormaliseRows].data<double>(), count, dims,
-                                          stream)
-          : normalise_backward_gpu_launch((*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
-                                          unit.data<float>(), norms,
-                                          (*outputs)[kNormaliseRows].data<float>(), count, dims,
-                                          stream);
+  void* scratch = resource.alloc_gpu(normalise_gpu_scratch_bytes());
   MXTensor& grad_data = (*outputs)[kNormaliseData];  // read for its shape only
   zero_device(grad_data.data_ptr, grad_data.size() * dtype_size(grad_data.dtype), stream);
-  return report_gpu(result, 0);
+  return unit.dtype == kFloat64
+             ? report_gpu<double>(normalise_backward_gpu_launch(
+                                      (*inputs)[kNormaliseGradUnit].data<double>(), grad_norm,
+                                      unit.data<double>(), norms,
+                                      (*outputs)[kNormaliseRows].data<double>(), count, dims,
+                                      scratch, stream),
+                                  0, 0.0)
+             : report_gpu<float>(normalise_backward_gpu_launch(
+                                     (*inputs)[kNormaliseGradUnit].data<float>(), grad_norm,
+                                     unit.data<float>(), norms,
+                                     (*outputs)[kNormaliseRows].data<float>(), count, dims,
+                                     scratch, stream),
+                                 0, 0.0);
 }
 #endif  // MARGIN_SOFTMAX_WITH_CUDA
 
@@ -1147,11 +1171,34 @@ MXReturnValue initialize(int version) {
 // margin_softmax_normalise_forward makes the unit rows and norms, the logits are
 // products with the unit rows, the forward takes weight = null and those norms,
 // and its backward leaves grad_weight (null) to margin_softmax_normalise_backward.
-// Return kGpuSuccess (-1), the first bad row, kCudaFailure (-2), or -3 for bad
-// settings (margin_softmax_last_error() says why).
+// margin_softmax_normalise_backward takes a scratch of margin_softmax_normalise_scratch_bytes().
+// Return kGpuSuccess (-1), the first bad label's row, kCudaFailure (-2), -3 for bad
+// settings, or -4 for a row whose gradient overflowed the dtype
+// (margin_softmax_last_error() says why and which row, in the op's words).
 // ---------------------------------------------------------------------------
 namespace {
 std::string last_error;
+constexpr int kBadSettingsCode = -3, kOverflowCode = -4;
+
+std::string latest_error_message(const char* fallback) {
+  auto* messages = reinterpret_cast<std::vector<std::stringstream*>*>(MXerrorMsgs::get());
+  return messages->empty() ? fallback : messages->back()->str();
+}
+
+template <typename T>
+int entry_code(const margin_softmax::GpuResult& result, int64_t classes, double s) {
+  switch (result.status) {
+    case margin_softmax::kGpuSuccess:
+    case margin_softmax::kCudaFailure:
+      return result.status;
+    case margin_softmax::kBadLabel:
+      return static_cast<int>(result.row);
+    default:
+      margin_softmax::report_gpu<T>(result, classes, s);
+      last_error = latest_error_message("a gradient overflowed");
+      return kOverflowCode;
+  }
+}
 
 bool settings_from_text(const char* text, margin_softmax::Settings* settings) {
   std::unordered_map<std::string, std::string> attrs;
@@ -1162,8 +1209,7 @@ bool settings_from_text(const char* text, margin_softmax::Settings* settings) {
     if (equals != std::string::npos) attrs[pair.substr(0, equals)] = pair.substr(equals + 1);
   }
   if (margin_softmax::parse_settings(attrs, settings)) return true;
-  auto* messages = reinterpret_cast<std::vector<std::stringstream*>*>(MXerrorMsgs::get());
-  last_error = messages->empty() ? "bad settings" : messages->back()->str();
+  last_error = latest_error_message("bad settings");
   return false;
 }
 }  // namespace
@@ -1174,6 +1220,10 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
   return margin_softmax::gpu_scratch_bytes(rows, classes);
 }
 
+extern "C" size_t margin_softmax_normalise_scratch_bytes() {
+  return margin_softmax::normalise_gpu_scratch_bytes();
+}
+
 #define MARGIN_C_ENTRY(T, SUFFIX)                                                                \
   extern "C" int margin_softmax_forward_##SUFFIX(                                                 \
       const T* logits, const T* data, const T* weight, const double* unit_weight_norm,           \
@@ -1181,12 +1231,12 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
       T* beta_used, double* data_norm, double* weight_norm, int64_t rows, int64_t classes,       \
       int64_t dims, const char* settings_text, void* scratch, void* stream) {                    \
     margin_softmax::Settings settings;                                                            \
-    if (!settings_from_text(settings_text, &settings)) return -3;                                 \
+    if (!settings_from_text(settings_text, &settings)) return kBadSettingsCode;                   \
     margin_softmax::GpuForward<T, int64_t> a{logits, data, weight, unit_weight_norm, label,      \
                                              step, training, class_margins, out, beta_used,      \
                                              data_norm, weight_norm, rows, classes, dims,        \
                                              settings, scratch, stream};                         \
-    return margin_softmax::forward_gpu_launch(a);                                                 \
+    return entry_code<T>(margin_softmax::forward_gpu_launch(a), classes, settings.s);             \
   }                                                                                               \
   extern "C" int margin_softmax_backward_##SUFFIX(                                                \
       const T* grad_output, const T* logits, const T* data, const T* weight,                     \
@@ -1195,24 +1245,28 @@ extern "C" size_t margin_softmax_scratch_bytes(int64_t rows, int64_t classes) {
       const double* weight_norm, T* grad_logits, T* grad_data, T* grad_weight, int64_t rows,     \
       int64_t classes, int64_t dims, const char* settings_text, void* scratch, void* stream) {   \
     margin_softmax::Settings settings;                                                            \
-    if (!settings_from_text(settings_text, &settings)) return -3;                                 \
+    if (!settings_from_text(settings_text, &settings)) return kBadSettingsCode;                   \
     margin_softmax::GpuBackward<T, int64_t> a{                                                    \
         grad_output, logits, data, weight, label, training, class_margins, output, beta_used,   \
         data_norm,                                                                                \
         weight_norm, grad_logits, grad_data, grad_weight, rows, classes, dims, settings,         \
         scratch,     stream};                                                                     \
-    return margin_softmax::backward_gpu_launch(a);                                                \
+    return entry_code<T>(margin_softmax::backward_gpu_launch(a), classes, settings.s);            \
   }                                                                                               \
   extern "C" int margin_softmax_normalise_forward_##SUFFIX(const T* rows, T* unit, double* norms, \
                                                            int64_t count, int64_t dims,          \
                                                            void* stream) {                        \
-    return margin_softmax::normalise_gpu_launch(rows, unit, norms, count, dims, stream);         \
+    return entry_code<T>(margin_softmax::normalise_gpu_launch(rows, unit, norms, count, dims,    \
+                                                              stream),                          \
+                         0, 0.0);                                                                 \
   }                                                                                               \
   extern "C" int margin_softmax_normalise_backward_##SUFFIX(                                      \
       const T* grad_unit, const double* grad_norm, const T* unit, const double* norms,           \
-      T* grad_rows, int64_t count, int64_t dims, void* stream) {                                  \
-    return margin_softmax::normalise_backward_gpu_launch(grad_unit, grad_norm, unit, norms,      \
-                                                         grad_rows, count, dims, stream);         \
+      T* grad_rows, int64_t count, int64_t dims, void* scratch, void* stream) {                   \
+    return entry_code<T>(margin_softmax::normalise_backward_gpu_launch(                           \
+                             grad_unit, grad_norm, unit, norms, grad_rows, count, dims, scratch,  \
+                             stream),                                                             \
+                         0, 0.0);                                                                 \
   }
 
 MARGIN_C_ENTRY(float, float32)

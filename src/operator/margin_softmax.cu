@@ -141,21 +141,28 @@ __global__ void advance_step_kernel(T* step, const float* training, T* beta_used
   if (is_training(training)) step[0] += T(1);
 }
 
-// G' = G rho off the target column, and S_i = sum_j G_ij o_ij; one block per row.
+// G' = G rho off the target column, and S_i = sum_j G_ij o_ij; one block per row. G' can
+// leave T only on a row whose rho does (|x| < s / max(T)): such a row is flagged, as the CPU
+// op's backward reports it, rather than left inf.
 template <typename T>
 __global__ void backward_rows_kernel(const T* grad_output, const T* output, T* grad_logits,
                                      const double* data_norm, int64_t classes, Settings settings,
-                                     double* row_sum) {
+                                     double* row_sum, int* overflow_row) {
   const int64_t i = blockIdx.x;
   const double rho = feature_factor(settings, data_norm[i]);
+  const bool may_overflow = !isfinite(static_cast<T>(rho));
+  bool overflowed = false;
   double sum = 0.0;
   for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) {
     const int64_t index = i * classes + j;
-    grad_logits[index] = static_cast<T>(grad_output[index] * rho);
+    const T value = static_cast<T>(grad_output[index] * rho);
+    grad_logits[index] = value;
+    overflowed = overflowed || (may_overflow && !isfinite(value));
     sum += static_cast<double>(grad_output[index]) * output[index];
   }
   sum = block_reduce(sum, Add());
   if (threadIdx.x == 0) row_sum[i] = sum;
+  if (overflowed) atomicMin(overflow_row, static_cast<int>(i));
 }
 
 template <typename T, typename L>
@@ -208,10 +215,12 @@ __global__ void normalise_kernel(const T* rows, T* unit, double* norms, int64_t 
   if (threadIdx.x == 0) norms[r] = norm;
 }
 
-// dL/dv = along_gradient g_u + along_unit u (K11); one block per row.
+// dL/dv = along_gradient g_u + along_unit u (K11); one block per row. Only a row whose
+// coefficients leave T (a norm below T's range) can overflow: it is flagged, as on the CPU.
 template <typename T>
 __global__ void normalise_backward_kernel(const T* grad_unit, const double* grad_norm, const T* unit,
-                                          const double* norms, T* grad_rows, int64_t dims) {
+                                          const double* norms, T* grad_rows, int64_t dims,
+                                          int* overflow_row) {
   const int64_t r = blockIdx.x;
   double projection = 0.0;
   for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
@@ -219,39 +228,62 @@ __global__ void normalise_backward_kernel(const T* grad_unit, const double* grad
   }
   projection = block_reduce(projection, Add());
   const UnitRowGradient row = unit_row_gradient(norms[r], projection, grad_norm ? grad_norm[r] : 0.0);
+  const bool may_overflow = !(fits<T>(row.along_gradient) && fits<T>(row.along_unit));
+  bool overflowed = false;
   for (int64_t d = threadIdx.x; d < dims; d += blockDim.x) {
-    grad_rows[r * dims + d] =
+    const T value =
         static_cast<T>(row.along_gradient * static_cast<double>(grad_unit[r * dims + d]) +
                        row.along_unit * static_cast<double>(unit[r * dims + d]));
+    grad_rows[r * dims + d] = value;
+    overflowed = overflowed || (may_overflow && !isfinite(value));
   }
+  if (overflowed) atomicMin(overflow_row, static_cast<int>(r));
 }
 
-// The flag lives in the caller's scratch (OpResource's allocator, or CuPy in the harness).
-int read_bad_label(int* bad_label, cudaStream_t stream) {
-  int host = kNoBadLabel;
-  cudaMemcpyAsync(&host, bad_label, sizeof(int), cudaMemcpyDeviceToHost, stream);
+// The row flags live in the caller's scratch (OpResource's allocator, or the harness's), two
+// ints in one double slot, copied back together: one small copy and one wait per call.
+struct RowFlags {
+  int first, second;
+};
+
+RowFlags read_flags(const int* flags, cudaStream_t stream) {
+  RowFlags host{kNoRow, kNoRow};
+  cudaMemcpyAsync(&host, flags, sizeof(host), cudaMemcpyDeviceToHost, stream);
   cudaStreamSynchronize(stream);
   return host;
 }
 
-// Scratch layout: [flag (one double slot)][row_sum (rows)][along_data (rows)][along_weight (classes)].
+double read_norm(const double* norms, int64_t row, cudaStream_t stream) {
+  double host = 0.0;
+  cudaMemcpyAsync(&host, norms + row, sizeof(double), cudaMemcpyDeviceToHost, stream);
+  cudaStreamSynchronize(stream);
+  return host;
+}
+
+GpuResult finished() {
+  return GpuResult{cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure, -1, 0.0};
+}
+
+// Scratch layout: [bad_label, overflow_row (one double slot)][row_sum (rows)][along_data (rows)]
+// [along_weight (classes)].
 struct Scratch {
-  int* bad_label;
+  int *bad_label, *overflow_row;
   double *row_sum, *along_data, *along_weight;
 };
 
 Scratch split(void* scratch, int64_t rows) {
   double* base = static_cast<double*>(scratch);
-  return Scratch{reinterpret_cast<int*>(base), base + 1, base + 1 + rows, base + 1 + 2 * rows};
+  int* flags = reinterpret_cast<int*>(base);
+  return Scratch{flags, flags + 1, base + 1, base + 1 + rows, base + 1 + 2 * rows};
 }
 
 }  // namespace
 
 template <typename T, typename L>
-int forward_gpu_launch(const GpuForward<T, L>& a) {
+GpuResult forward_gpu_launch(const GpuForward<T, L>& a) {
   auto stream = static_cast<cudaStream_t>(a.stream);
   const Scratch scratch = split(a.scratch, a.rows);
-  cudaMemsetAsync(scratch.bad_label, kNoBadLabelByte, sizeof(int), stream);
+  cudaMemsetAsync(scratch.bad_label, kNoRowByte, sizeof(RowFlags), stream);
   if (a.rows > 0) norms_kernel<<<a.rows, kThreads, 0, stream>>>(a.data, a.dims, a.data_norm);
   if (a.settings.normalise_weights) {  // unit rows: their norms come with them (K11)
     cudaMemcpyAsync(a.weight_norm, a.unit_weight_norm, sizeof(double) * a.classes,
@@ -277,22 +309,23 @@ int forward_gpu_launch(const GpuForward<T, L>& a) {
   }
   // The label check needs one small copy back; it keeps a bad label from
   // advancing the schedule and from passing silently.
-  const int bad = read_bad_label(scratch.bad_label, stream);
-  if (bad != kNoBadLabel) return bad;
+  const RowFlags flags = read_flags(scratch.bad_label, stream);
+  if (flags.first != kNoRow) return GpuResult{kBadLabel, flags.first, 0.0};
   advance_step_kernel<<<1, 1, 0, stream>>>(a.step, a.training, a.beta_used, a.settings);
-  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+  return finished();
 }
 
 template <typename T, typename L>
-int backward_gpu_launch(const GpuBackward<T, L>& a) {
+GpuResult backward_gpu_launch(const GpuBackward<T, L>& a) {
   auto stream = static_cast<cudaStream_t>(a.stream);
   const Scratch scratch = split(a.scratch, a.rows);
-  cudaMemsetAsync(scratch.bad_label, kNoBadLabelByte, sizeof(int), stream);
+  cudaMemsetAsync(scratch.bad_label, kNoRowByte, sizeof(RowFlags), stream);
   if (a.settings.normalise_features) {
     if (a.rows > 0) {
       backward_rows_kernel<<<a.rows, kThreads, 0, stream>>>(a.grad_output, a.output,
                                                             a.grad_logits, a.data_norm, a.classes,
-                                                            a.settings, scratch.row_sum);
+                                                            a.settings, scratch.row_sum,
+                                                            scratch.overflow_row);
     }
   } else {
     cudaMemcpyAsync(a.grad_logits, a.grad_output, sizeof(T) * a.rows * a.classes,
@@ -306,45 +339,57 @@ int backward_gpu_launch(const GpuBackward<T, L>& a) {
         scratch.row_sum, scratch.along_data, scratch.along_weight, a.rows, a.classes, a.settings,
         scratch.bad_label);
   }
-  const int bad = read_bad_label(scratch.bad_label, stream);
-  if (bad != kNoBadLabel) return bad;
+  const RowFlags flags = read_flags(scratch.bad_label, stream);
+  if (flags.second != kNoRow) {  // checked first, as the CPU op does
+    return GpuResult{kDataRowOverflow, flags.second, read_norm(a.data_norm, flags.second, stream)};
+  }
+  if (flags.first != kNoRow) return GpuResult{kBadLabel, flags.first, 0.0};
   scale_rows_kernel<<<blocks_for(a.rows * a.dims), kThreads, 0, stream>>>(
       a.data, scratch.along_data, a.grad_data, a.rows, a.dims);
   if (!a.settings.normalise_weights) {  // unit rows get theirs through margin_softmax_normalise
     scale_rows_kernel<<<blocks_for(a.classes * a.dims), kThreads, 0, stream>>>(
         a.weight, scratch.along_weight, a.grad_weight, a.classes, a.dims);
   }
-  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+  return finished();
 }
 
 template <typename T>
-int normalise_gpu_launch(const T* rows, T* unit, double* norms, int64_t count, int64_t dims,
-                         void* stream) {
+GpuResult normalise_gpu_launch(const T* rows, T* unit, double* norms, int64_t count, int64_t dims,
+                               void* stream) {
   if (count > 0) {
     normalise_kernel<<<count, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(rows, unit, norms,
                                                                                 dims);
   }
-  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+  return finished();
 }
 
+// The overflow flag costs one small copy back and a wait, as the target op's label check does.
 template <typename T>
-int normalise_backward_gpu_launch(const T* grad_unit, const double* grad_norm, const T* unit,
-                                  const double* norms, T* grad_rows, int64_t count, int64_t dims,
-                                  void* stream) {
+GpuResult normalise_backward_gpu_launch(const T* grad_unit, const double* grad_norm, const T* unit,
+                                        const double* norms, T* grad_rows, int64_t count,
+                                        int64_t dims, void* scratch, void* stream) {
+  auto cuda_stream = static_cast<cudaStream_t>(stream);
+  int* overflow_row = static_cast<int*>(scratch);
+  cudaMemsetAsync(overflow_row, kNoRowByte, sizeof(RowFlags), cuda_stream);
   if (count > 0) {
-    normalise_backward_kernel<<<count, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        grad_unit, grad_norm, unit, norms, grad_rows, dims);
+    normalise_backward_kernel<<<count, kThreads, 0, cuda_stream>>>(grad_unit, grad_norm, unit,
+                                                                   norms, grad_rows, dims,
+                                                                   overflow_row);
   }
-  return cudaGetLastError() == cudaSuccess ? kGpuSuccess : kCudaFailure;
+  const RowFlags flags = read_flags(overflow_row, cuda_stream);
+  if (flags.first != kNoRow) {
+    return GpuResult{kWeightRowOverflow, flags.first, read_norm(norms, flags.first, cuda_stream)};
+  }
+  return finished();
 }
 
 void zero_device(void* pointer, size_t bytes, void* stream) {
   cudaMemsetAsync(pointer, 0, bytes, static_cast<cudaStream_t>(stream));
 }
 
-#define MARGIN_INSTANTIATE(T, L)                                     \
-  template int forward_gpu_launch<T, L>(const GpuForward<T, L>&);   \
-  template int backward_gpu_launch<T, L>(const GpuBackward<T, L>&);
+#define MARGIN_INSTANTIATE(T, L)                                           \
+  template GpuResult forward_gpu_launch<T, L>(const GpuForward<T, L>&);   \
+  template GpuResult backward_gpu_launch<T, L>(const GpuBackward<T, L>&);
 #define MARGIN_INSTANTIATE_LABELS(T) \
   MARGIN_INSTANTIATE(T, float)       \
   MARGIN_INSTANTIATE(T, double)      \
@@ -354,10 +399,11 @@ void zero_device(void* pointer, size_t bytes, void* stream) {
   MARGIN_INSTANTIATE(T, int8_t)
 MARGIN_INSTANTIATE_LABELS(float)
 MARGIN_INSTANTIATE_LABELS(double)
-#define MARGIN_INSTANTIATE_NORMALISE(T)                                                         \
-  template int normalise_gpu_launch<T>(const T*, T*, double*, int64_t, int64_t, void*);        \
-  template int normalise_backward_gpu_launch<T>(const T*, const double*, const T*, const double*, \
-                                                T*, int64_t, int64_t, void*);
+#define MARGIN_INSTANTIATE_NORMALISE(T)                                                      \
+  template GpuResult normalise_gpu_launch<T>(const T*, T*, double*, int64_t, int64_t, void*); \
+  template GpuResult normalise_backward_gpu_launch<T>(const T*, const double*, const T*,      \
+                                                      const double*, T*, int64_t, int64_t,    \
+                                                      void*, void*);
 MARGIN_INSTANTIATE_NORMALISE(float)
 MARGIN_INSTANTIATE_NORMALISE(double)
 
