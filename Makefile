@@ -75,15 +75,18 @@ $(CUDA_LIBRARY): $(SOURCES) src/operator/margin_softmax.cu $(HEADERS) $(VENV)/.i
 cuda: $(CUDA_LIBRARY)
 
 # The same kernels with the host compiler against an emulated CUDA runtime, so that the tests
-# run them on machines without a GPU (tools/cuda_emulation/cuda_runtime.h says what it emulates).
+# run them on machines without a GPU (tools/cuda_emulation/cuda_runtime.h says what it emulates);
+# margin_softmax.cc comes in through lib_api_entries.cc, which adds a way to call the op's
+# lib_api functions, CPU or GPU, on host memory.
 $(EMULATED_CUDA_LIBRARY): $(SOURCES) src/operator/margin_softmax.cu $(HEADERS) tools/emulate_cuda.py \
-                          tools/cuda_emulation/cuda_runtime.h $(VENV)/.installed
+                          tools/cuda_emulation/cuda_runtime.h tools/cuda_emulation/lib_api_entries.cc \
+                          $(VENV)/.installed
 	@mkdir -p $(BUILD_DIR)/emulated
 	$(PYTHON) tools/emulate_cuda.py src/operator/margin_softmax.cu $(BUILD_DIR)/emulated/margin_softmax_cu.cc
 	$(CXX) $(CXXFLAGS) -Wno-sign-compare -Itools/cuda_emulation -Isrc/operator \
 	    -c $(BUILD_DIR)/emulated/margin_softmax_cu.cc -o $(BUILD_DIR)/emulated/margin_softmax_cu.o
-	$(CXX) $(CXXFLAGS) -DMARGIN_SOFTMAX_WITH_CUDA -I$(MXNET_INCLUDE) -Isrc/operator \
-	    -c $(SOURCES) -o $(BUILD_DIR)/emulated/margin_softmax_cc.o
+	$(CXX) $(CXXFLAGS) -I$(MXNET_INCLUDE) -Isrc/operator \
+	    -c tools/cuda_emulation/lib_api_entries.cc -o $(BUILD_DIR)/emulated/margin_softmax_cc.o
 	$(CXX) $(CXXFLAGS) -I$(MXNET_INCLUDE) -c $(MXNET_LIB_API) -o $(BUILD_DIR)/emulated/lib_api.o
 	$(CXX) -shared -pthread $(BUILD_DIR)/emulated/margin_softmax_cu.o \
 	    $(BUILD_DIR)/emulated/margin_softmax_cc.o $(BUILD_DIR)/emulated/lib_api.o -o $@

@@ -13,18 +13,18 @@
 
 namespace margin_softmax {
 
-/*! \brief What a launcher reports; the row and norm say which row, where one is at fault. */
+/*! \brief What a launcher reports; row and value say which row, where one is at fault. */
 enum GpuStatus {
   kGpuSuccess = -1,
   kCudaFailure = -2,
-  kBadLabel = -4,           // row: the first row whose label is not a class index
-  kDataRowOverflow = -5,    // row, norm: the first data row whose gradient left T (s / |x| does)
-  kWeightRowOverflow = -6,  // row, norm: the first weight row whose gradient left T (1 / |w| does)
+  kBadLabel = -4,           // row, value: the first row whose label is not a class index, its label
+  kDataRowOverflow = -5,    // row, value: the first data row whose gradient left T, its norm
+  kWeightRowOverflow = -6,  // row, value: the first weight row whose gradient left T, its norm
 };
 struct GpuResult {
   int status;
   int64_t row;
-  double norm;
+  double value;
 };
 
 // The device flags start here (a byte-wise memset); atomicMin leaves the first row in each.

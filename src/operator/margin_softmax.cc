@@ -230,8 +230,15 @@ constexpr int dtype_code() {
   return sizeof(T) == sizeof(double) ? kFloat64 : kFloat32;
 }
 
-// The backward's overflow errors (docs/derivatives.md, limit of float32), one text for the CPU
-// and the GPU: a data row whose s / |x| leaves T, a weight row whose 1 / |w| does.
+// The errors found in the data, one text for the CPU and the GPU: a label that is no class
+// index; the backward's overflows (docs/derivatives.md, limit of float32), a data row whose
+// s / |x| leaves T, a weight row whose 1 / |w| does.
+MXReturnValue bad_label(int64_t row, double label, int64_t classes) {
+  MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes << "), got label["
+               << row << "] = " << label;
+  return MX_FAIL;
+}
+
 template <typename T>
 MXReturnValue data_row_overflow(int64_t row, double norm, double s) {
   MARGIN_ERROR << "input data row " << row << " has norm " << norm
@@ -438,8 +445,7 @@ bool check_labels_typed(const L* labels, int64_t rows, int64_t classes,
   for (int64_t i = 0; i < rows; ++i) {
     (*indices)[i] = class_index(labels[i], classes);
     if ((*indices)[i] < 0) {
-      MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes
-                   << "), got label[" << i << "] = " << static_cast<double>(labels[i]);
+      bad_label(i, static_cast<double>(labels[i]), classes);
       return false;
     }
   }
@@ -978,13 +984,11 @@ MXReturnValue report_gpu(const GpuResult& result, int64_t classes, double s) {
     case kGpuSuccess:
       return MX_SUCCESS;
     case kBadLabel:
-      MARGIN_ERROR << "input label must hold integer class indices in [0, " << classes
-                   << "), got a bad value at label[" << result.row << "]";
-      return MX_FAIL;
+      return bad_label(result.row, result.value, classes);
     case kDataRowOverflow:
-      return data_row_overflow<T>(result.row, result.norm, s);
+      return data_row_overflow<T>(result.row, result.value, s);
     case kWeightRowOverflow:
-      return weight_row_overflow<T>(result.row, result.norm);
+      return weight_row_overflow<T>(result.row, result.value);
     default:
       MARGIN_ERROR << "a CUDA kernel failed to launch";
       return MX_FAIL;
@@ -1200,7 +1204,8 @@ int entry_code(const margin_softmax::GpuResult& result, int64_t classes, double 
   }
 }
 
-bool settings_from_text(const char* text, margin_softmax::Settings* settings) {
+// "key=value;key=value" as a node's attributes.
+std::unordered_map<std::string, std::string> attributes_from_text(const char* text) {
   std::unordered_map<std::string, std::string> attrs;
   std::stringstream stream(text ? text : "");
   std::string pair;
@@ -1208,7 +1213,11 @@ bool settings_from_text(const char* text, margin_softmax::Settings* settings) {
     const size_t equals = pair.find('=');
     if (equals != std::string::npos) attrs[pair.substr(0, equals)] = pair.substr(equals + 1);
   }
-  if (margin_softmax::parse_settings(attrs, settings)) return true;
+  return attrs;
+}
+
+bool settings_from_text(const char* text, margin_softmax::Settings* settings) {
+  if (margin_softmax::parse_settings(attributes_from_text(text), settings)) return true;
   last_error = latest_error_message("bad settings");
   return false;
 }

@@ -253,11 +253,13 @@ RowFlags read_flags(const int* flags, cudaStream_t stream) {
   return host;
 }
 
-double read_norm(const double* norms, int64_t row, cudaStream_t stream) {
-  double host = 0.0;
-  cudaMemcpyAsync(&host, norms + row, sizeof(double), cudaMemcpyDeviceToHost, stream);
+// One value of a device array, for an error message.
+template <typename V>
+double read_value(const V* values, int64_t row, cudaStream_t stream) {
+  V host = V(0);
+  cudaMemcpyAsync(&host, values + row, sizeof(V), cudaMemcpyDeviceToHost, stream);
   cudaStreamSynchronize(stream);
-  return host;
+  return static_cast<double>(host);
 }
 
 GpuResult finished() {
@@ -310,7 +312,9 @@ GpuResult forward_gpu_launch(const GpuForward<T, L>& a) {
   // The label check needs one small copy back; it keeps a bad label from
   // advancing the schedule and from passing silently.
   const RowFlags flags = read_flags(scratch.bad_label, stream);
-  if (flags.first != kNoRow) return GpuResult{kBadLabel, flags.first, 0.0};
+  if (flags.first != kNoRow) {
+    return GpuResult{kBadLabel, flags.first, read_value(a.label, flags.first, stream)};
+  }
   advance_step_kernel<<<1, 1, 0, stream>>>(a.step, a.training, a.beta_used, a.settings);
   return finished();
 }
@@ -341,9 +345,11 @@ GpuResult backward_gpu_launch(const GpuBackward<T, L>& a) {
   }
   const RowFlags flags = read_flags(scratch.bad_label, stream);
   if (flags.second != kNoRow) {  // checked first, as the CPU op does
-    return GpuResult{kDataRowOverflow, flags.second, read_norm(a.data_norm, flags.second, stream)};
+    return GpuResult{kDataRowOverflow, flags.second, read_value(a.data_norm, flags.second, stream)};
   }
-  if (flags.first != kNoRow) return GpuResult{kBadLabel, flags.first, 0.0};
+  if (flags.first != kNoRow) {
+    return GpuResult{kBadLabel, flags.first, read_value(a.label, flags.first, stream)};
+  }
   scale_rows_kernel<<<blocks_for(a.rows * a.dims), kThreads, 0, stream>>>(
       a.data, scratch.along_data, a.grad_data, a.rows, a.dims);
   if (!a.settings.normalise_weights) {  // unit rows get theirs through margin_softmax_normalise
@@ -378,7 +384,7 @@ GpuResult normalise_backward_gpu_launch(const T* grad_unit, const double* grad_n
   }
   const RowFlags flags = read_flags(overflow_row, cuda_stream);
   if (flags.first != kNoRow) {
-    return GpuResult{kWeightRowOverflow, flags.first, read_norm(norms, flags.first, cuda_stream)};
+    return GpuResult{kWeightRowOverflow, flags.first, read_value(norms, flags.first, cuda_stream)};
   }
   return finished();
 }
