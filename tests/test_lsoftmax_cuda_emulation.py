@@ -62,7 +62,7 @@ def emulated(tmp_path_factory):
     (folder / "kernels.cu").write_text(KERNELS)
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "emulate_cuda.py"), str(folder / "kernels.cu"),
                     str(folder / "kernels.cc")], check=True)
-    subprocess.run([compiler, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Werror", "-Wno-sign-compare",
+    subprocess.run([compiler, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Wno-sign-compare",
                     "-I", os.path.join(ROOT, "tools", "cuda_emulation"), str(folder / "kernels.cc"),
                     "-o", str(folder / "kernels.so")], check=True)
     library = ctypes.CDLL(str(folder / "kernels.so"))
