@@ -172,6 +172,23 @@ def assert_unit_rows_match(weight, grad_unit, grad_norm, unit, norm, gradient, d
                                    rtol=tolerance["gradient"], atol=tolerance["gradient"])
 
 
+def tiny_row_case(fault):
+    """(data (5, 4), weight (3, 4), label (5,)), float64, for 3 classes, with one fault: data row 2
+    ('data') or weight row 1 ('weight') scaled to a norm ~1e-42, a float32 subnormal whose
+    s / |x| or 1 / |w| leaves float32 (docs/derivatives.md, limit of float32), or label[3] = 3,
+    no class ('label')."""
+    rng = np.random.default_rng(21)
+    data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
+    label = np.array([0, 1, 2, 1, 0])
+    if fault == "data":
+        data[2] *= 1e-42
+    elif fault == "weight":
+        weight[1] *= 1e-42
+    elif fault == "label":
+        label[3] = 3
+    return data, weight, label
+
+
 def unit_rows_case(norms, dims=6, seed=11):
     """Rows (len(norms), dims) of the given norms, and random gradients of the unit rows and norms."""
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ from mxnet import autograd
 
 import mx_lsoftmax
 
-from conftest import nd
+from conftest import nd, tiny_row_case
 
 GOOD = dict(data=np.ones((4, 3)), weight=np.ones((5, 3)), label=np.array([0, 1, 4, 2]))
 
@@ -287,13 +287,7 @@ def test_rows_too_small_for_float32_are_named_not_nan(backend, kind, tiny):
     s / |x| or 1 / |w| times the logits' gradient, leaves float32 (and the Python op's
     logits with it). Both backends stop with an error naming the row (docs/derivatives.md,
     limit of float32) instead of NaN or inf; the CUDA kernels too (tests/test_lsoftmax_gpu.py)."""
-    rng = np.random.default_rng(21)
-    data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
-    if tiny == "data":
-        data[2] *= 1e-42
-    else:
-        weight[1] *= 1e-42
-    label = np.array([0, 1, 2, 1, 0])
+    data, weight, label = tiny_row_case(tiny)
     x, w = nd(data, "float32"), nd(weight, "float32")
     x.attach_grad()
     w.attach_grad()

@@ -23,7 +23,7 @@ from mx_lsoftmax.support.cuda_harness import (BAD_SETTINGS, GRADIENT_OVERFLOW, S
                                              KernelHarness)
 
 from conftest import (BETAS, KIND_CASES, MARGINS, TOLERANCE, angle_clear_inputs, kind_inputs, nd,
-                      unit_rows_case, assert_unit_rows_match)
+                      tiny_row_case, unit_rows_case, assert_unit_rows_match)
 
 SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 
@@ -162,13 +162,8 @@ def test_kernels_name_rows_too_small_for_float32(kernels, kind, tiny):
     normalisation makes its gradient, about s / |x| or 1 / |w| times the logits' gradient,
     leave float32. The forward takes it; the backward stops naming the row instead of writing
     inf (the target kernels for a data row, the normalise kernels for a weight row)."""
-    rng = np.random.default_rng(21)
-    data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
-    if tiny == "data":
-        data[2] *= 1e-42
-    else:
-        weight[1] *= 1e-42
-    label, grad = np.array([0, 1, 2, 1, 0]), np.ones((5, 3))
+    data, weight, label = tiny_row_case(tiny)
+    grad = np.ones((5, 3))
     settings = MarginSettings(kind)
     device = kernels.device
     status, saved, out = kernels.forward(device.asarray(data, device.float32), device.asarray(weight, device.float32),
@@ -183,7 +178,7 @@ def test_kernels_name_rows_too_small_for_float32(kernels, kind, tiny):
     # The same rows in float64 train, and so does float32 without them.
     status, result = run_kernels(kernels, data, weight, label, settings, grad, "float64")
     assert status == SUCCESS and all(np.isfinite(result[key]).all() for key in ("out", "grad_data", "grad_weight"))
-    data[2], weight[1] = rng.standard_normal(4), rng.standard_normal(4)
+    data[2], weight[1] = np.random.default_rng(22).standard_normal((2, 4))
     status, result = run_kernels(kernels, data, weight, label, settings, grad, "float32")
     assert status == SUCCESS and all(np.isfinite(result[key]).all() for key in ("out", "grad_data", "grad_weight"))
 

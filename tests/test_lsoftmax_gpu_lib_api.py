@@ -17,7 +17,7 @@ import pytest
 from mx_lsoftmax import KINDS, MarginSettings
 from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, HostDevice, KernelHarness, settings_text
 
-from conftest import KIND_CASES, kind_inputs
+from conftest import KIND_CASES, kind_inputs, tiny_row_case
 
 DTYPE_CODES = {"float32": 0, "float64": 1}  # lib_api's MXDType
 MAX_RANK = 8  # kMaxRank in lib_api_entries.cc
@@ -161,15 +161,7 @@ def test_gpu_functions_take_per_class_margins(library, dtype):
     ("sphereface", "weight", "input weight row 1 has norm"),
 ])
 def test_gpu_functions_fail_with_the_cpu_functions_messages(library, kind, tiny, message):
-    rng = np.random.default_rng(21)
-    data, weight = rng.standard_normal((5, 4)), rng.standard_normal((3, 4))
-    label = np.array([0, 1, 2, 1, 0])
-    if tiny == "label":
-        label[3] = 3
-    elif tiny == "data":
-        data[2] *= 1e-42
-    else:
-        weight[1] *= 1e-42
+    data, weight, label = tiny_row_case(tiny)
     cpu, gpu = (run_layer(library, placement, MarginSettings(kind), data, weight, label, np.ones((5, 3)), "float32")
                 for placement in ("cpu", "gpu"))
     assert isinstance(cpu, str) and message in cpu
