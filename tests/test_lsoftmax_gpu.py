@@ -107,6 +107,22 @@ def test_kernels_outside_training_give_the_plain_logits(kernels, dtype, case):
         np.testing.assert_allclose(device.asnumpy(got) / scale, want / scale, **tolerance)
 
 
+@pytest.mark.parametrize("kind, rows, dims, classes", [("lsoftmax", 128, 128, 9000), ("cosface", 1025, 4, 1025)])
+def test_kernels_grid_stride_past_the_grid_cap(kernels, kind, rows, dims, classes):
+    """The element-wise kernels launch at most 4096 blocks of 256 threads and stride over the
+    rest: (N, C) and (C, D) arrays above 4096 x 256 entries take every thread round more than
+    once (lsoftmax scales its weight rows, cosface its logits; the sizes keep the emulation's
+    one-block-per-row kernels short)."""
+    settings = MarginSettings(kind, beta=1.0)
+    data, weight, label = kind_inputs(kind, settings.values, rows, dims, classes, seed=7)
+    assert (classes * dims if kind == "lsoftmax" else rows * classes) > 4096 * 256
+    grad = np.random.default_rng(8).standard_normal((rows, classes))
+    status, result = run_kernels(kernels, data, weight, label, settings, grad, "float64")
+    assert status == SUCCESS
+    for key, want in zip(("out", "grad_data", "grad_weight"), spec_result(settings, data, weight, label, grad, "float64")):
+        np.testing.assert_allclose(result[key], want, **TOLERANCE["float64"])
+
+
 @pytest.mark.parametrize("margin", MARGINS)
 def test_kernels_lsoftmax_every_margin(kernels, margin):
     settings = MarginSettings("lsoftmax", margin=margin, beta=3.5)

@@ -13,7 +13,8 @@
  *   back to a scheduler, which resumes every thread once all of them have reached a barrier or
  *   returned (a returned thread counts as arrived, as exited threads do on a GPU). Between two
  *   barriers the threads run in a shuffled order (fixed seed): a kernel relying on an order
- *   among its threads without a barrier fails here as it may on a GPU.
+ *   among its threads without a barrier fails here as it may on a GPU. A kernel without
+ *   barriers (none in its first block) runs its other blocks' threads as plain calls.
  * - `__shared__` variables are function statics: one copy, which the threads of the one block
  *   in flight share, as a block shares its shared memory.
  * - One thread runs at a time, so atomics are plain read-modify-writes. Device memory is host
@@ -33,6 +34,8 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <ucontext.h>
@@ -80,6 +83,8 @@ struct Block {
   std::vector<char> finished;
   unsigned int current = 0;
   const std::function<void()>* kernel = nullptr;
+  bool reached_barrier = false;  // in the first block
+  bool direct = false;           // threads called one after another, not as coroutines
 };
 inline Block* block_in_flight = nullptr;
 constexpr size_t kStackBytes = 256 * 1024;
@@ -92,7 +97,9 @@ inline void run_thread() {
 
 // Kernel threads run in a shuffled order in every phase between two barriers (a fixed seed,
 // so a failure repeats): a kernel that relies on an order among its threads without a
-// barrier gives wrong results here, as it may on a GPU.
+// barrier gives wrong results here, as it may on a GPU. A kernel none of whose threads reach a
+// barrier in the first block runs its other blocks' threads as plain calls (coroutines cost two
+// system calls per switch); a barrier in a later block then stops the process with a message.
 inline void launch(dim3 grid, dim3 block_shape, const std::function<void()>& kernel) {
   const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
   const unsigned int threads = block_shape.x * block_shape.y * block_shape.z;
@@ -113,6 +120,17 @@ inline void launch(dim3 grid, dim3 block_shape, const std::function<void()>& ker
   block_in_flight = &block;
   for (unsigned long long b = 0; b < blocks; ++b) {
     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (1ull * grid.x * grid.y));
+    block.direct = b > 0 && !block.reached_barrier;
+    if (block.direct) {
+      std::shuffle(order.begin(), order.end(), shuffle);
+      for (unsigned int t : order) {
+        block.current = t;
+        threadIdx = dim3(t % block_shape.x, t / block_shape.x % block_shape.y,
+                         t / (block_shape.x * block_shape.y));
+        kernel();
+      }
+      continue;
+    }
     block.finished.assign(threads, 0);
     for (unsigned int t = 0; t < threads; ++t) {
       ucontext_t& context = block.contexts[t];
@@ -144,6 +162,13 @@ inline void launch(dim3 grid, dim3 block_shape, const std::function<void()>& ker
 // block has reached a barrier or returned (a returned thread counts as arrived, as on a GPU).
 inline void __syncthreads() {
   cuda_emulation::Block& block = *cuda_emulation::block_in_flight;
+  if (block.direct) {
+    fprintf(stderr, "cuda_emulation: a kernel reached __syncthreads() in block %u but in none of "
+                    "block 0's threads; the emulation assumes barriers in every block or none\n",
+            blockIdx.x);
+    abort();
+  }
+  block.reached_barrier = true;
   swapcontext(&block.contexts[block.current], &block.scheduler);
 }
 
