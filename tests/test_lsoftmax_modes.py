@@ -150,6 +150,12 @@ def test_a_module_on_two_devices_waits_once_both_run(backend, monkeypatch):
         module.update()
         assert [executor.aux_dict["head_step"].asscalar() for executor in module._exec_group.execs] == [t, t]
     assert waits == [2, 2, 2]
+    # Both devices hold the same weight after the kvstore's reduction. Reading it also lets the
+    # reduction finish before the Module goes: MXNet 1.9.1 frees a Module's kvstore without
+    # waiting for its pending reductions, which then read freed memory (a SIGFPE in
+    # CommCPU::ReduceSumCPU on an engine thread, seen when the Python op's backward ran late).
+    first, second = (executor.arg_dict["fc_weight"].asnumpy() for executor in module._exec_group.execs)
+    np.testing.assert_array_equal(first, second)
 
 
 def test_module_checkpoint_carries_the_step(backend, tmp_path):
