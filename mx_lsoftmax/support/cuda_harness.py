@@ -249,7 +249,7 @@ class KernelHarness:
         return status, grad_rows
 
     def forward(self, x, w, label, step, settings, class_margins=None, training=None):
-        """x (N, D), w (C, D), label (N,) int64, step (1,): CuPy arrays of one float dtype;
+        """x (N, D), w (C, D), label (N,) int64, step (1,): arrays of ``device`` of one float dtype;
         class_margins (C,) of that dtype with settings ``per_class_margin`` (cosface), else None;
         training (1,) float32, the op's flag (1 training, 0 not: the plain logits), or None
         (training).
