@@ -172,6 +172,17 @@ def assert_unit_rows_match(weight, grad_unit, grad_norm, unit, norm, gradient, d
                                    rtol=tolerance["gradient"], atol=tolerance["gradient"])
 
 
+@pytest.fixture(scope="session")
+def emulated_kernels():
+    """The CUDA kernels compiled for the CPU (`make emulated`, which `make test` builds), for the
+    kernel and lib_api tests; a missing build fails the test, as it needs only the host compiler."""
+    from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, KernelHarness
+    try:
+        return KernelHarness.emulated()
+    except HarnessUnavailable as reason:
+        pytest.fail(str(reason))
+
+
 def tiny_row_case(fault):
     """(data (5, 4), weight (3, 4), label (5,)), float64, for 3 classes, with one fault: data row 2
     ('data') or weight row 1 ('weight') scaled to a norm ~1e-42, a float32 subnormal whose

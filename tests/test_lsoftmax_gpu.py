@@ -31,10 +31,7 @@ SCHEDULE_NAMES = ("beta", "beta_min", "scale", "gamma", "power")
 @pytest.fixture(scope="module", params=["emulated", "cuda"])
 def kernels(request):
     if request.param == "emulated":
-        try:
-            return KernelHarness.emulated()
-        except HarnessUnavailable as reason:  # needs only the host compiler: a broken set-up
-            pytest.fail(str(reason))
+        return request.getfixturevalue("emulated_kernels")
     try:
         return KernelHarness()
     except HarnessUnavailable as reason:

@@ -15,24 +15,13 @@ import numpy as np
 import pytest
 
 from mx_lsoftmax import KINDS, MarginSettings
-from mx_lsoftmax.support.cuda_harness import HarnessUnavailable, HostDevice, KernelHarness, settings_text
+from mx_lsoftmax.support.cuda_harness import HostDevice, settings_text
 
 from conftest import KIND_CASES, kind_inputs, tiny_row_case
 
 DTYPE_CODES = {"float32": 0, "float64": 1}  # lib_api's MXDType
 MAX_RANK = 8  # kMaxRank in lib_api_entries.cc
 PARITY = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=2e-6, atol=2e-6)}
-
-
-@pytest.fixture(scope="module")
-def library():
-    try:
-        harness = KernelHarness.emulated()
-    except HarnessUnavailable as reason:  # needs only the host compiler: a broken set-up
-        pytest.fail(str(reason))
-    library = harness.library
-    library.margin_softmax_call_op.restype = ctypes.c_int
-    return harness
 
 
 def _described(arrays):
@@ -116,14 +105,14 @@ def assert_same_arrays(cpu, gpu, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", KIND_CASES)
-def test_gpu_functions_write_what_the_cpu_functions_write(library, dtype, case):
+def test_gpu_functions_write_what_the_cpu_functions_write(emulated_kernels, dtype, case):
     kind, values = KIND_CASES[case]
     settings = MarginSettings(kind, **values, beta=3.5)
     data, weight, label = kind_inputs(kind, settings.values, 16, 300, 7, seed=8)
     label[:4] = 2  # rows sharing a class
     grad = np.random.default_rng(9).standard_normal((16, 7))
-    cpu = run_layer(library, "cpu", settings, data, weight, label, grad, dtype)
-    gpu = run_layer(library, "gpu", settings, data, weight, label, grad, dtype)
+    cpu = run_layer(emulated_kernels, "cpu", settings, data, weight, label, grad, dtype)
+    gpu = run_layer(emulated_kernels, "gpu", settings, data, weight, label, grad, dtype)
     assert_same_arrays(cpu, gpu, dtype)
     assert cpu["step"][0] == 1.0
     for name in ("grad_label", "grad_step", "grad_training"):
@@ -131,26 +120,26 @@ def test_gpu_functions_write_what_the_cpu_functions_write(library, dtype, case):
 
 
 @pytest.mark.parametrize("case", ["lsoftmax-m4", "cosface", "arcface"])
-def test_gpu_functions_outside_training(library, case):
+def test_gpu_functions_outside_training(emulated_kernels, case):
     """training = 0: the plain logits, no label read (an out-of-range one is no error), the step kept."""
     kind, values = KIND_CASES[case]
     settings = MarginSettings(kind, **values)
     data, weight, _ = kind_inputs(kind, settings.values, 16, 40, 7, seed=10)
     label, grad = np.full(16, 99.0), np.random.default_rng(11).standard_normal((16, 7))
-    cpu = run_layer(library, "cpu", settings, data, weight, label, grad, "float64", training=0.0)
-    gpu = run_layer(library, "gpu", settings, data, weight, label, grad, "float64", training=0.0)
+    cpu = run_layer(emulated_kernels, "cpu", settings, data, weight, label, grad, "float64", training=0.0)
+    gpu = run_layer(emulated_kernels, "gpu", settings, data, weight, label, grad, "float64", training=0.0)
     assert_same_arrays(cpu, gpu, "float64")
     assert gpu["step"][0] == 0.0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_gpu_functions_take_per_class_margins(library, dtype):
+def test_gpu_functions_take_per_class_margins(emulated_kernels, dtype):
     """(K10): the class_margins input, seventh, through both paths."""
     settings = MarginSettings("cosface", s=30.0, per_class_margin=True)
     data, weight, label = kind_inputs("cosface", settings.values, 16, 40, 7, seed=12)
     margins, grad = np.linspace(0.0, 0.5, 7), np.random.default_rng(13).standard_normal((16, 7))
-    cpu = run_layer(library, "cpu", settings, data, weight, label, grad, dtype, class_margins=margins)
-    gpu = run_layer(library, "gpu", settings, data, weight, label, grad, dtype, class_margins=margins)
+    cpu = run_layer(emulated_kernels, "cpu", settings, data, weight, label, grad, dtype, class_margins=margins)
+    gpu = run_layer(emulated_kernels, "gpu", settings, data, weight, label, grad, dtype, class_margins=margins)
     assert_same_arrays(cpu, gpu, dtype)
     assert not gpu["grad_class_margins"].any()
 
@@ -160,9 +149,10 @@ def test_gpu_functions_take_per_class_margins(library, dtype):
     ("cosface", "data", "input data row 2 has norm"),
     ("sphereface", "weight", "input weight row 1 has norm"),
 ])
-def test_gpu_functions_fail_with_the_cpu_functions_messages(library, kind, tiny, message):
+def test_gpu_functions_fail_with_the_cpu_functions_messages(emulated_kernels, kind, tiny, message):
     data, weight, label = tiny_row_case(tiny)
-    cpu, gpu = (run_layer(library, placement, MarginSettings(kind), data, weight, label, np.ones((5, 3)), "float32")
+    cpu, gpu = (run_layer(emulated_kernels, placement, MarginSettings(kind), data, weight, label, np.ones((5, 3)),
+                          "float32")
                 for placement in ("cpu", "gpu"))
     assert isinstance(cpu, str) and message in cpu
     # The same words after the op's name (the prefix says where in the source each was raised).

@@ -102,11 +102,12 @@ inline void run_thread() {
 // system calls per switch); a barrier in a later block then stops the process with a message.
 inline void launch(dim3 grid, dim3 block_shape, const std::function<void()>& kernel) {
   const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
-  const unsigned int threads = block_shape.x * block_shape.y * block_shape.z;
-  if (blocks == 0 || threads == 0 || 1ull * block_shape.x * block_shape.y * block_shape.z > 1024) {
+  const unsigned long long requested = 1ull * block_shape.x * block_shape.y * block_shape.z;
+  if (blocks == 0 || requested == 0 || requested > 1024) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  const unsigned int threads = static_cast<unsigned int>(requested);
   gridDim = grid;
   blockDim = block_shape;
   Block block;
