@@ -1,6 +1,6 @@
 # mx-lsoftmax: build, install and test.
 #   make install   create .venv with the pinned dependencies and the package
-#   make           build the CPU library build/liblsoftmax.so against the installed MXNet
+#   make           build the CPU library mx_lsoftmax/lib/liblsoftmax.so against the installed MXNet
 #   make cuda      build the CPU+GPU library with nvcc
 #   make emulated  the CUDA kernels compiled for the CPU (tests only: build/, never installed)
 #   make test      all of the above that is out of date (the GPU library once built), then pytest
