@@ -557,15 +557,42 @@ bool feature_factors(const Settings& p, const double* data_norm, int64_t rows, s
 }
 
 // out_ij = f_ij rho_i (K2), rows split across threads.
+// out[j] = in[j] * factor over one row.
+template <typename T, typename A>
+void store_scaled(const T* in, A factor, T* out, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) out[j] = static_cast<T>(in[j] * factor);
+}
+
+#if defined(__SSE2__)
+// The float32 row with streaming stores. Every array written this way (the (N, C) output and its
+// gradient, the (C, D) unit rows) is read by another operator after this one, from memory
+// either way at C = 10^5 (100 MB and more): writing past the caches saves the read-for-ownership
+// of each line. Profiled on an Intel Xeon VM: the target op's passes and the unit rows 15-30%
+// faster at 256 x 512 x 100000 and 10000, the FullyConnected that reads them no slower. The
+// same products as the loop above, so the same values bit for bit. The pass that calls it ends
+// with store_fence().
+inline void store_scaled(const float* in, float factor, float* out, int64_t count) {
+  int64_t j = 0;
+  for (; j < count && (reinterpret_cast<uintptr_t>(out + j) & 15) != 0; ++j) out[j] = in[j] * factor;
+  const __m128 scale = _mm_set1_ps(factor);
+  for (; j + 4 <= count; j += 4) _mm_stream_ps(out + j, _mm_mul_ps(_mm_loadu_ps(in + j), scale));
+  for (; j < count; ++j) out[j] = in[j] * factor;
+}
+#endif
+
+// Streaming stores are visible to other threads once the storing thread has fenced them: each
+// thread's part of a pass that streams ends with this, before parallel_for joins.
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename T, typename A>
 void scale_logits(const T* logits, T* out, const std::vector<A>& rho, int64_t rows, int64_t classes) {
   parallel_for(rows, classes, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const A r = rho[i];
-      const T* f = logits + i * classes;
-      T* o = out + i * classes;
-      for (int64_t j = 0; j < classes; ++j) o[j] = static_cast<T>(f[j] * r);
-    }
+    for (int64_t i = begin; i < end; ++i) store_scaled(logits + i * classes, rho[i], out + i * classes, classes);
+    store_fence();
   });
 }
 
@@ -578,10 +605,11 @@ void scale_gradient(const T* grad_output, const T* output, T* grad_logits, const
       const A r = rho[i];
       const T* g = grad_output + i * classes;
       T* g_prime = grad_logits + i * classes;
-      for (int64_t j = 0; j < classes; ++j) g_prime[j] = static_cast<T>(g[j] * r);
+      store_scaled(g, r, g_prime, classes);
       // In the pass's arithmetic A, as the scaling: float32 lanes vectorise twice as wide.
       (*row_sum)[i] = dot_product<A>(g, output + i * classes, classes);
     }
+    store_fence();
   });
 }
 
@@ -596,7 +624,7 @@ bool all_finite(const T* values, int64_t count) {
 // A row of zeros, written past the caches where the CPU can: lsoftmax's weight gradient is
 // zero in every class outside the batch (nearly all of a (C, D) array), and MXNet's add_n reads
 // it next, after 200 MB at C = 10^5, so a streaming store saves each line's read-for-ownership.
-// The caller's pass ends with a store fence (scale_rows).
+// The caller's pass ends with store_fence().
 inline void zero_row(void* row, int64_t bytes) {
 #if defined(__SSE2__)
   char* byte = static_cast<char*>(row);
@@ -618,8 +646,7 @@ void scale_row(const T* in, double exact, T* out, int64_t dims) {
   if (exact == 0.0) {
     zero_row(out, sizeof(T) * dims);
   } else if (fits<T>(exact)) {
-    const T c = static_cast<T>(exact);
-    for (int64_t d = 0; d < dims; ++d) out[d] = c * in[d];
+    store_scaled(in, static_cast<T>(exact), out, dims);
   } else {
     // P_i / |x_i| or 1 / |w_j| can leave float32 (|x| = 1e-22: 6e45) while its product with
     // the row, of length |x|, does not: such rows are scaled in float64.
@@ -633,9 +660,7 @@ void scale_rows(const T* rows, const std::vector<double>& coefficient, T* out, i
                 int64_t dims) {
   parallel_for(count, dims, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) scale_row(rows + r * dims, coefficient[r], out + r * dims, dims);
-#if defined(__SSE2__)
-    _mm_sfence();  // zero_row's streaming stores are visible before the thread reports its part done
-#endif
+    store_fence();
   });
 }
 
@@ -899,6 +924,7 @@ void normalise_rows_cpu(const T* rows, T* unit, double* norms, int64_t count, in
       norms[r] = row_norm(rows + r * dims, dims);
       scale_row(rows + r * dims, unit_factor(norms[r]), unit + r * dims, dims);
     }
+    store_fence();
   });
 }
 
@@ -953,9 +979,7 @@ int64_t normalise_rows_backward_cpu(const T* grad_unit, const double* grad_norm,
         }
       }
     }
-#if defined(__SSE2__)
-    _mm_sfence();  // the streaming stores are visible before the thread reports its part done
-#endif
+    store_fence();
   });
   return overflowed.load() < count ? overflowed.load() : -1;
 }
