@@ -556,7 +556,6 @@ bool feature_factors(const Settings& p, const double* data_norm, int64_t rows, s
   return finite;
 }
 
-// out_ij = f_ij rho_i (K2), rows split across threads.
 // out[j] = in[j] * factor over one row.
 template <typename T, typename A>
 void store_scaled(const T* in, A factor, T* out, int64_t count) {
@@ -564,13 +563,14 @@ void store_scaled(const T* in, A factor, T* out, int64_t count) {
 }
 
 #if defined(__SSE2__)
-// The float32 row with streaming stores. Every array written this way (the (N, C) output and its
-// gradient, the (C, D) unit rows) is read by another operator after this one, from memory
-// either way at C = 10^5 (100 MB and more): writing past the caches saves the read-for-ownership
-// of each line. Profiled on an Intel Xeon VM: the target op's passes and the unit rows 15-30%
-// faster at 256 x 512 x 100000 and 10000, the FullyConnected that reads them no slower. The
-// same products as the loop above, so the same values bit for bit. The pass that calls it ends
-// with store_fence().
+// The float32 row with streaming stores. The large arrays written this way (the (N, C) output and
+// its gradient, the (C, D) unit rows; scale_row's rows too, the data gradient and lsoftmax's
+// weight-gradient rows of the batch's classes, small beside them) are read by another operator
+// after this one, from memory either way at C = 10^5 (100 MB and more): writing past the caches
+// saves the read-for-ownership of each line. Profiled on an Intel Xeon VM: the target op's
+// passes and the unit rows 15-30% faster at 256 x 512 x 100000 and 10000, the FullyConnected
+// that reads them no slower. The same products as the loop above, so the same values bit for
+// bit. The pass that calls it ends with store_fence().
 inline void store_scaled(const float* in, float factor, float* out, int64_t count) {
   int64_t j = 0;
   for (; j < count && (reinterpret_cast<uintptr_t>(out + j) & 15) != 0; ++j) out[j] = in[j] * factor;
@@ -588,6 +588,7 @@ inline void store_fence() {
 #endif
 }
 
+// out_ij = f_ij rho_i (K2), rows split across threads.
 template <typename T, typename A>
 void scale_logits(const T* logits, T* out, const std::vector<A>& rho, int64_t rows, int64_t classes) {
   parallel_for(rows, classes, [&](int64_t begin, int64_t end) {
